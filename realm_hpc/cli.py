@@ -1,0 +1,194 @@
+"""`realm-hpc` subcommands. Thin: parse, build, run; every user error is one line and a non-zero exit."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+from realm_hpc.config import Config, ConfigError, apply_overrides, load_config  # noqa: E402
+from realm_hpc.recipes import RECIPES, get_recipe  # noqa: E402
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="realm-hpc", description="REALM retrieval-augmented pretraining.")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    pre = sub.add_parser("pretrain", help="ICT warm start + REALM pretraining (+ evaluation, summary.json)")
+    pre.add_argument("--recipe", default="demo", help=f"one of: {', '.join(sorted(RECIPES))}")
+    pre.add_argument("--out", required=True, help="run directory")
+    pre.add_argument("--steps", type=int, help="REALM steps (overrides train.steps)")
+    pre.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config field")
+    pre.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")
+
+    ev = sub.add_parser("evaluate", help="recall@k and MLM accuracy of a run's checkpoint")
+    ev.add_argument("--run", required=True)
+
+    bi = sub.add_parser("build-index", help="encode a run's corpus with its doc encoder into an index directory")
+    bi.add_argument("--run", required=True)
+    bi.add_argument("--out", required=True)
+
+    rt = sub.add_parser("retrieve", help="top-k documents of an index for a question")
+    rt.add_argument("--index", required=True)
+    rt.add_argument("--k", type=int, default=8)
+    rt.add_argument("question")
+    return p
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = _parser().parse_args(argv)
+    try:
+        {"pretrain": cmd_pretrain, "evaluate": cmd_evaluate, "build-index": cmd_build_index,
+         "retrieve": cmd_retrieve}[args.command](args)
+    except (ConfigError, FileNotFoundError, ValueError) as e:
+        _fail(f"error: {e}", code=2)
+    except RuntimeError as e:
+        _fail(f"error: {e}", code=1)
+
+
+def _fail(message: str, code: int) -> None:
+    print(message.splitlines()[0] if message else "error", file=sys.stderr, flush=True)
+    from realm_hpc.dist import launched_by_mpi
+
+    if launched_by_mpi() and "mpi4py.MPI" in sys.modules:
+        sys.modules["mpi4py.MPI"].COMM_WORLD.Abort(code)  # the other ranks would wait forever
+    sys.exit(code)
+
+
+# -- pretrain ------------------------------------------------------------------------------------------------------
+def resolve_config(args) -> Config:
+    saved = Path(args.out) / "config.json"
+    if args.resume and saved.exists():
+        cfg = load_config(str(saved))
+    else:
+        cfg = get_recipe(args.recipe)
+    if args.steps is not None:
+        args.set = [*args.set, f"train.steps={args.steps}"]
+    return apply_overrides(cfg, args.set)
+
+
+def cmd_pretrain(args) -> None:
+    import torch
+
+    from realm_hpc.checkpoint import atomic_write_json
+    from realm_hpc.dist import launched_by_mpi, mpi_roles, print0
+    from realm_hpc.train import Pretrainer
+
+    cfg = resolve_config(args)
+    run_dir = Path(args.out)
+    factory = None
+    if cfg.refresh.mode == "mpi":
+        if not launched_by_mpi():
+            raise ConfigError("refresh.mode=mpi needs an MPI launch: mpiexec -n 2 realm-hpc pretrain ...")
+        roles, comm = mpi_roles(n_refreshers=1)
+        if roles.world_size < 2:
+            raise ConfigError("refresh.mode=mpi needs at least 2 MPI ranks (1 trainer + 1 refresher)")
+        if roles.n_trainers != 1:
+            raise ConfigError("refresh.mode=mpi runs one trainer rank and one refresher rank: use mpiexec -n 2")
+        if not roles.is_trainer:
+            torch.set_num_threads(1)  # the trainer keeps the cores; the refresher is busy only between swaps
+            _serve_refresher(comm, roles)
+            return
+        from realm_hpc.retrieval.refresh import MPIRefresher
+
+        def factory(data):
+            return MPIRefresher(comm, roles.refresher_ranks, len(data.blocks), cfg.model.proj_dim,
+                                cfg.refresh.every, str(run_dir))
+    run_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(run_dir / "config.json", cfg.to_dict())
+    try:
+        summary = Pretrainer(cfg, run_dir, resume=args.resume, refresher_factory=factory).run()
+    except BaseException:
+        if factory is not None:
+            from realm_hpc.retrieval.refresh import TAG_STOP
+
+            for r in roles.refresher_ranks:  # let the refresher exit instead of waiting forever
+                comm.isend(None, dest=r, tag=TAG_STOP)
+        raise
+    print0(format_summary(summary))
+    print0(f"wrote {run_dir / 'summary.json'}, {run_dir / 'metrics.jsonl'}, {run_dir / 'curves.png'}")
+
+
+def _serve_refresher(comm, roles) -> None:
+    from realm_hpc.retrieval.refresh import serve_refresher
+
+    def make_encoder(run_dir: str):
+        from realm_hpc.data.blocks import BlockStore
+        from realm_hpc.data.tokenizer import load_tokenizer
+        from realm_hpc.models.encoders import Encoder
+
+        cfg = load_config(str(Path(run_dir) / "config.json"))
+        tokenizer = load_tokenizer(cfg.model.pretrained or Path(run_dir) / "data" / "tokenizer")
+        encoder = Encoder(cfg.model, len(tokenizer), cfg.model.block_len)
+        return encoder, BlockStore.open(Path(run_dir) / "data" / "blocks"), cfg.refresh.batch_size
+
+    serve_refresher(comm, trainer=0, shard_index=roles.refresher_index, n_shards=roles.n_refreshers,
+                    make_encoder=make_encoder)
+
+
+def format_summary(summary: dict) -> str:
+    width = max(len(k) for k in summary)
+    lines = ["", "summary", "-" * (width + 14)]
+    for key, value in summary.items():
+        shown = f"{value:.4f}" if isinstance(value, float) else str(value)
+        lines.append(f"{key:<{width}}  {shown}")
+    return "\n".join(lines)
+
+
+# -- evaluate, build-index, retrieve --------------------------------------------------------------------------
+def _load_run(run: str):
+    from realm_hpc.checkpoint import load_checkpoint
+    from realm_hpc.data.examples import PretrainData
+    from realm_hpc.models.realm import Realm
+
+    run_dir = Path(run)
+    if not (run_dir / "config.json").exists():
+        raise FileNotFoundError(f"{run_dir / 'config.json'}: not a run directory (no config.json)")
+    cfg = load_config(str(run_dir / "config.json"))
+    data = PretrainData(cfg, run_dir, build=False)
+    model = Realm(cfg, data.vocab_size)
+    model.load_state_dict(load_checkpoint(run_dir / "checkpoint")["model"])
+    model.eval()
+    return cfg, data, model
+
+
+def cmd_evaluate(args) -> None:
+    from realm_hpc.checkpoint import atomic_write_json
+    from realm_hpc.evaluate import mlm_accuracy, recall_at_k
+    from realm_hpc.train import fresh_index
+
+    cfg, data, model = _load_run(args.run)
+    k = cfg.retrieval.k
+    index = fresh_index(model, data, cfg, 0, 0)
+    result = {f"recall_at_{k}": recall_at_k(model, data, index, k),
+              f"chance_recall_at_{k}": data.chance_recall(k),
+              "mlm_acc_retrieval": mlm_accuracy(model, data, index, k, cfg.eval.batch_size),
+              "eval_examples": len(data.eval)}
+    atomic_write_json(Path(args.run) / "eval.json", result)
+    print(format_summary(result))
+
+
+def cmd_build_index(args) -> None:
+    from realm_hpc.retrieval.store import build_index
+
+    cfg, data, model = _load_run(args.run)
+    out = build_index(model, data, cfg, args.out)
+    print(f"wrote {out} ({len(data.blocks)} documents, dim {cfg.model.proj_dim})")
+
+
+def cmd_retrieve(args) -> None:
+    from realm_hpc.retrieval.store import SavedIndex
+
+    index = SavedIndex.open(args.index)
+    for rank, (doc_id, title, score) in enumerate(index.retrieve(args.question, args.k), 1):
+        print(f"{rank:>3}  {score:9.4f}  {doc_id:>10}  {title}")
+    sys.stdout.flush()
+
+
+if __name__ == "__main__":
+    main()

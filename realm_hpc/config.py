@@ -1,0 +1,205 @@
+"""The typed configuration tree: one source of truth for every knob.
+
+`--set section.field=value` overrides a field; the value is parsed by the field's type. An unknown or mistyped
+key is a one-line `ConfigError` naming it, never a silent no-op.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+
+class ConfigError(ValueError):
+    pass
+
+
+@dataclass(kw_only=True)
+class ModelConfig:
+    pretrained: str = ""  # a local HF BERT directory; empty = small BERTs from scratch with the sizes below
+    vocab_size: int = 2000  # WordPiece vocabulary trained on the corpus when `pretrained` is empty
+    hidden: int = 128
+    layers: int = 2
+    heads: int = 2
+    intermediate: int = 512
+    proj_dim: int = 128  # REALM's retrieval embedding size
+    pooling: str = "cls"  # cls (REALM) | mean: a small BERT from scratch learns ICT far faster with mean pooling
+    block_len: int = 288  # [CLS] title [SEP] text [SEP]
+    query_len: int = 64
+    reader_len: int = 192  # [CLS] x [SEP] z [SEP], z truncated to fit
+    copy_head: bool = False  # pointer/copy head on the reader (see FACTS: a tiny reader from scratch needs it)
+
+
+@dataclass(kw_only=True)
+class DataConfig:
+    corpus: str = ""  # DPR .tsv or .jsonl; empty = the embedded fact world
+    world_people: int = 1200
+    world_orgs: int = 240
+    world_cities: int = 80
+    world_surnames: int = 90  # fewer surnames than people: distractors that share name parts
+    world_alias_rate: float = 0.8  # share of secondary mentions that use an alias ("M. Kessler")
+    world_seed: int = 0
+    heldout_facts: int = 300
+    eval_examples: int = 300
+
+
+@dataclass(kw_only=True)
+class RetrievalConfig:
+    k: int = 8
+    null_doc: bool = True
+    exclude_source: bool = True  # REALM's trivial-retrieval exclusion
+    enabled: bool = True  # False = closed-book: the reader sees only the null document
+
+
+@dataclass(kw_only=True)
+class RefreshConfig:
+    mode: str = "inline"  # inline | mpi
+    every: int = 50  # steps between index refreshes
+    batch_size: int = 128  # documents per encoder forward while re-encoding
+
+
+@dataclass(kw_only=True)
+class OptimConfig:
+    lr: float = 1e-3
+    retriever_lr_scale: float = 0.1  # a lower retriever LR keeps the reader's early noise from collapsing it
+    weight_decay: float = 0.01
+    warmup_steps: int = 20
+    grad_clip: float = 1.0
+
+
+@dataclass(kw_only=True)
+class ICTConfig:
+    steps: int = 200  # 0 disables the ICT warm start
+    batch_size: int = 64
+    lr: float = 1e-3
+    keep_sentence_prob: float = 0.1  # REALM/ORQA keep the query sentence in its block 10% of the time
+    eval_every: int = 50
+
+
+@dataclass(kw_only=True)
+class TrainConfig:
+    steps: int = 300
+    batch_size: int = 16
+    reader_warmup_steps: int = 100  # first steps: the reader alone (retriever frozen) on the top docs
+    reader_warmup_k: int = 1  # docs the reader sees during warm-up (1 = the top-1 retrieved doc)
+    retriever_freeze_steps: int = 0  # REALM steps with the retriever frozen after the warm-up
+    seed: int = 0
+    log_every: int = 10
+    eval_every: int = 100
+    checkpoint_every: int = 100
+
+
+@dataclass(kw_only=True)
+class EvalConfig:
+    closed_book_baseline: bool = False  # also train the reader closed-book with the same budget
+    batch_size: int = 32
+
+
+@dataclass(kw_only=True)
+class Config:
+    recipe: str = "custom"
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    retrieval: RetrievalConfig = field(default_factory=RetrievalConfig)
+    refresh: RefreshConfig = field(default_factory=RefreshConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    ict: ICTConfig = field(default_factory=ICTConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def validate(self) -> "Config":
+        checks = [
+            (self.refresh.mode in ("inline", "mpi"), "refresh.mode must be 'inline' or 'mpi'"),
+            (self.retrieval.k >= 1, "retrieval.k must be >= 1"),
+            (self.model.pooling in ("cls", "mean"), "model.pooling must be 'cls' or 'mean'"),
+            (self.refresh.every >= 1, "refresh.every must be >= 1"),
+            (self.train.batch_size >= 1, "train.batch_size must be >= 1"),
+            (0.0 <= self.data.world_alias_rate <= 1.0, "data.world_alias_rate must be in [0, 1]"),
+            (self.model.query_len < self.model.reader_len, "model.query_len must be < model.reader_len"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise ConfigError(message)
+        return self
+
+
+def _parse_value(key: str, raw: str, current: Any) -> Any:
+    kind = type(current)
+    try:
+        if kind is bool:
+            lowered = raw.strip().lower()
+            if lowered in ("1", "true", "yes", "on"):
+                return True
+            if lowered in ("0", "false", "no", "off"):
+                return False
+            raise ValueError(raw)
+        if kind is int:
+            return int(raw)
+        if kind is float:
+            return float(raw)
+        return raw
+    except ValueError:
+        raise ConfigError(f"config key '{key}': cannot parse {raw!r} as {kind.__name__}") from None
+
+
+def _section_and_field(cfg: Config, key: str) -> tuple[Any, str]:
+    parts = key.split(".")
+    node: Any = cfg
+    for depth, part in enumerate(parts):
+        names = [f.name for f in dataclasses.fields(node)]
+        if part not in names:
+            where = ".".join(parts[:depth]) or "config"
+            raise ConfigError(f"unknown config key '{key}' ({where} has: {', '.join(names)})")
+        if depth == len(parts) - 1:
+            if dataclasses.is_dataclass(getattr(node, part)):
+                raise ConfigError(f"config key '{key}' is a section; set one of its fields")
+            return node, part
+        node = getattr(node, part)
+        if not dataclasses.is_dataclass(node):
+            raise ConfigError(f"unknown config key '{key}' ('{'.'.join(parts[:depth + 1])}' is not a section)")
+    raise ConfigError(f"empty config key '{key}'")
+
+
+def apply_overrides(cfg: Config, overrides: list[str]) -> Config:
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"--set expects key=value, got {item!r}")
+        key, raw = item.split("=", 1)
+        node, name = _section_and_field(cfg, key.strip())
+        setattr(node, name, _parse_value(key, raw, getattr(node, name)))
+    return cfg.validate()
+
+
+def from_dict(data: dict) -> Config:
+    """Rebuild a Config from `config.json`; unknown keys and wrong types are errors, as for --set."""
+    cfg = Config()
+
+    def flatten(values: dict, prefix: str = ""):
+        for key, value in values.items():
+            if isinstance(value, dict):
+                yield from flatten(value, f"{prefix}{key}.")
+            else:
+                yield f"{prefix}{key}", value
+
+    for key, value in flatten(data):
+        node, name = _section_and_field(cfg, key)
+        current = getattr(node, name)
+        numeric_widening = type(current) is float and type(value) is int
+        if type(value) is not type(current) and not numeric_widening:
+            raise ConfigError(f"config key '{key}': expected {type(current).__name__}, got {value!r}")
+        setattr(node, name, type(current)(value))
+    return cfg.validate()
+
+
+def load_config(path: str) -> Config:
+    with open(path) as f:
+        try:
+            data = json.load(f)
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"{path}:{e.lineno}: invalid JSON ({e.msg})") from None
+    return from_dict(data)

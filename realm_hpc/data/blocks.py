@@ -1,0 +1,228 @@
+"""The block store: every document tokenized once into `[CLS] title [SEP] text [SEP]`, kept in flat memory-mapped
+arrays so that millions of blocks cost page cache, not Python objects, and every rank shares one copy.
+
+Layout of a store directory (all arrays are `.npy`, opened with `mmap_mode="r"`):
+    tokens.npy          int32 [T]     all blocks back to back
+    offsets.npy         int64 [N+1]   block i is tokens[offsets[i]:offsets[i+1]]
+    title_len.npy       int32 [N]     title tokens in block i (without [CLS]/[SEP]); the text starts after them
+    titles.npy          uint8 [*]     UTF-8 titles back to back, cut by titles_offsets.npy  int64 [N+1]
+    doc_ids.npy         uint8 [*]     UTF-8 ids back to back, cut by doc_ids_offsets.npy    int64 [N+1]
+    meta.json           format, version, count, num_tokens, max_len, vocab_size, tokenizer, special ids
+
+Segment ids are not stored: `[CLS] title [SEP]` is segment 0 and `text [SEP]` segment 1 (BERT's sentence-pair
+convention, as in HF's REALM embedder); they follow from title_len; `batch(..., token_type_ids=True)` adds them.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from realm_hpc.data.corpus import Doc, atomic_dir
+
+FORMAT, VERSION = "realm-hpc-blocks", 1
+
+
+class _NpyAppender:
+    """A 1-D `.npy` file written chunk by chunk, so a build never holds all tokens in memory.
+
+    numpy pads every header so that the first axis can grow to 21 digits in place; we write the header for
+    length 0, append raw data, and rewrite the header with the final length over the same bytes.
+    """
+
+    def __init__(self, path: Path, dtype):
+        self.dtype, self.size = np.dtype(dtype), 0
+        self._f = open(path, "wb")
+        self._header_len = self._write_header()
+
+    def _write_header(self) -> int:
+        self._f.seek(0)
+        header = {"descr": self.dtype.str, "fortran_order": False, "shape": (self.size,)}
+        np.lib.format.write_array_header_1_0(self._f, header)
+        return self._f.tell()
+
+    def append(self, values) -> None:
+        a = np.ascontiguousarray(values, dtype=self.dtype)
+        self._f.write(a.tobytes())
+        self.size += a.size
+
+    def __enter__(self) -> _NpyAppender:
+        return self
+
+    def __exit__(self, exc_type, *_) -> None:
+        try:
+            if exc_type is None and self._write_header() != self._header_len:
+                raise RuntimeError("npy header changed length; the data would be misaligned")
+        finally:
+            self._f.close()
+
+
+class _StringsAppender:
+    """Strings as one UTF-8 byte array plus int64 offsets: no per-string Python object once written."""
+
+    def __init__(self, out: Path, name: str):
+        self.data = _NpyAppender(out / f"{name}.npy", np.uint8)
+        self.offsets = _NpyAppender(out / f"{name}_offsets.npy", np.int64)
+        self.offsets.append([0])
+
+    def append(self, strings: Sequence[str]) -> None:
+        encoded = [s.encode("utf-8") for s in strings]
+        ends = self.data.size + np.cumsum([len(b) for b in encoded], dtype=np.int64)
+        self.data.append(np.frombuffer(b"".join(encoded), dtype=np.uint8))
+        self.offsets.append(ends)
+
+    def __enter__(self) -> _StringsAppender:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        try:
+            self.data.__exit__(*exc)
+        finally:
+            self.offsets.__exit__(*exc)
+
+
+def _encode_chunk(docs: Sequence[Doc], tokenizer, max_len: int) -> tuple[list[list[int]], list[int]]:
+    def ids(strings: list[str]) -> list[list[int]]:
+        # Truncating in the tokenizer keeps a long passage from becoming a long Python list only to be cut.
+        return tokenizer(strings, add_special_tokens=False, truncation=True, max_length=max_len - 3,
+                         return_attention_mask=False, return_token_type_ids=False)["input_ids"]
+
+    cls_id, sep_id = tokenizer.cls_token_id, tokenizer.sep_token_id
+    rows, title_lens = [], []
+    for title, text in zip(ids([d.title for d in docs]), ids([d.text for d in docs])):
+        # The title is kept whole unless it alone overflows: it is what tells blocks of one article apart.
+        room = max_len - 3 - len(title)
+        rows.append([cls_id, *title, sep_id, *text[:room], sep_id])
+        title_lens.append(len(title))
+    return rows, title_lens
+
+
+class BlockStore:
+    """Read-only view of a built store; cheap to open in every rank and every DataLoader worker."""
+
+    def __init__(self, path: str | os.PathLike):
+        path = Path(path)
+        if not (path / "meta.json").is_file():
+            raise FileNotFoundError(f"no block store at {path} (missing meta.json)")
+        self.path = path
+        self.meta = json.loads((path / "meta.json").read_text(encoding="utf-8"))
+        if (self.meta.get("format"), self.meta.get("version")) != (FORMAT, VERSION):
+            raise ValueError(f"{path}: not a {FORMAT} v{VERSION} store (meta.json says "
+                             f"{self.meta.get('format')!r} v{self.meta.get('version')!r})")
+
+        def load(name: str) -> np.ndarray:
+            return np.load(path / f"{name}.npy", mmap_mode="r")
+
+        self._tokens, self._offsets, self._title_len = load("tokens"), load("offsets"), load("title_len")
+        self._titles, self._title_offsets = load("titles"), load("titles_offsets")
+        self._ids, self._id_offsets = load("doc_ids"), load("doc_ids_offsets")
+        self._index_of: dict[str, int] | None = None
+        if len(self._offsets) != self.meta["count"] + 1 or len(self._tokens) != self._offsets[-1]:
+            raise ValueError(f"{path}: arrays disagree with meta.json count={self.meta['count']}")
+
+    @classmethod
+    def open(cls, path: str | os.PathLike) -> BlockStore:
+        return cls(path)
+
+    @classmethod
+    def build(cls, docs: Sequence[Doc], tokenizer, out_dir: str | os.PathLike, max_len: int = 288,
+              batch_size: int = 1024) -> BlockStore:
+        """Tokenize `docs` into blocks of at most `max_len` tokens and write the store atomically to `out_dir`."""
+        if max_len < 3:
+            raise ValueError(f"max_len={max_len} cannot hold [CLS] [SEP] [SEP]")
+        if tokenizer.cls_token_id is None or tokenizer.sep_token_id is None:
+            raise ValueError("tokenizer has no [CLS]/[SEP] token")
+        seen: set[str] = set()
+        with atomic_dir(out_dir) as tmp:
+            with (_NpyAppender(tmp / "tokens.npy", np.int32) as tokens,
+                  _NpyAppender(tmp / "offsets.npy", np.int64) as offsets,
+                  _NpyAppender(tmp / "title_len.npy", np.int32) as title_len,
+                  _StringsAppender(tmp, "titles") as titles,
+                  _StringsAppender(tmp, "doc_ids") as doc_ids):
+                offsets.append([0])
+                for start in range(0, len(docs), batch_size):
+                    chunk = docs[start:start + batch_size]
+                    for d in chunk:
+                        if d.id in seen:
+                            raise ValueError(f"duplicate doc id {d.id!r}: index_of() would be ambiguous")
+                        seen.add(d.id)
+                    rows, title_lens = _encode_chunk(chunk, tokenizer, max_len)
+                    lens = np.array([len(r) for r in rows], dtype=np.int64)
+                    offsets.append(tokens.size + np.cumsum(lens))
+                    tokens.append(np.fromiter(itertools.chain.from_iterable(rows), np.int32, int(lens.sum())))
+                    title_len.append(title_lens)
+                    titles.append([d.title for d in chunk])
+                    doc_ids.append([d.id for d in chunk])
+            meta = {"format": FORMAT, "version": VERSION, "count": len(docs), "num_tokens": tokens.size,
+                    "max_len": max_len, "vocab_size": len(tokenizer),
+                    "tokenizer": str(getattr(tokenizer, "name_or_path", "")),
+                    "cls_id": tokenizer.cls_token_id, "sep_id": tokenizer.sep_token_id,
+                    "pad_id": tokenizer.pad_token_id}
+            (tmp / "meta.json").write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
+        return cls.open(out_dir)
+
+    def __len__(self) -> int:
+        return len(self._offsets) - 1
+
+    def _check(self, i: int) -> int:
+        n = len(self)
+        i = int(i)
+        if not -n <= i < n:
+            raise IndexError(f"block {i} out of range for a store of {n}")
+        return i + n if i < 0 else i
+
+    def tokens(self, i: int) -> np.ndarray:
+        """Block i's token ids, `[CLS] title [SEP] text [SEP]` (a read-only view of the memory map)."""
+        i = self._check(i)
+        return self._tokens[self._offsets[i]:self._offsets[i + 1]]
+
+    def text_tokens(self, i: int) -> np.ndarray:
+        """The text part of block i: after the title's [SEP], without the final [SEP]."""
+        i = self._check(i)
+        return self._tokens[self._offsets[i] + 2 + self._title_len[i]:self._offsets[i + 1] - 1]
+
+    def title(self, i: int) -> str:
+        i = self._check(i)
+        return self._titles[self._title_offsets[i]:self._title_offsets[i + 1]].tobytes().decode("utf-8")
+
+    def doc_id(self, i: int) -> str:
+        i = self._check(i)
+        return self._ids[self._id_offsets[i]:self._id_offsets[i + 1]].tobytes().decode("utf-8")
+
+    def index_of(self, doc_id: str) -> int:
+        """Block index of a document id. The first call builds an id -> index dict (about 100 B per block)."""
+        if self._index_of is None:
+            blob, cuts = self._ids.tobytes(), self._id_offsets.tolist()
+            self._index_of = {blob[a:b].decode("utf-8"): i for i, (a, b) in enumerate(zip(cuts, cuts[1:]))}
+        try:
+            return self._index_of[str(doc_id)]
+        except KeyError:
+            raise KeyError(f"doc id {doc_id!r} not in block store {self.path}") from None
+
+    def batch(self, indices, pad_id: int = 0, token_type_ids: bool = False) -> dict[str, torch.Tensor]:
+        """Blocks `indices` padded to the longest of them: input_ids and attention_mask, LongTensor[b, L]
+        (plus token_type_ids when asked). One gather from the memory map, no per-block Python loop."""
+        n = len(self)
+        idx = np.asarray(indices, dtype=np.int64).reshape(-1)
+        if idx.size and not (-n <= idx.min() and idx.max() < n):
+            raise IndexError(f"block indices outside [-{n}, {n}) for a store of {n}")
+        idx = np.where(idx < 0, idx + n, idx)
+        starts = self._offsets[idx]
+        lens = self._offsets[idx + 1] - starts
+        cols = np.arange(int(lens.max(initial=0)))
+        mask = cols[None, :] < lens[:, None]
+        # Padding positions read the block's last token (always in range) and are then overwritten.
+        gathered = self._tokens[starts[:, None] + np.minimum(cols[None, :], lens[:, None] - 1)]
+        out = {"input_ids": torch.from_numpy(np.where(mask, gathered, pad_id).astype(np.int64)),
+               "attention_mask": torch.from_numpy(mask.astype(np.int64))}
+        if token_type_ids:
+            text_start = 2 + self._title_len[idx].astype(np.int64)
+            in_text = mask & (cols[None, :] >= text_start[:, None])
+            out["token_type_ids"] = torch.from_numpy(in_text.astype(np.int64))
+        return out

@@ -1,0 +1,41 @@
+"""Held-out evaluation: recall@k of the gold document and exact-token MLM accuracy on salient spans."""
+
+from __future__ import annotations
+
+import torch
+
+from realm_hpc.data.examples import PretrainData
+from realm_hpc.models.realm import Realm
+from realm_hpc.retrieval.index import LiveIndex
+
+
+@torch.no_grad()
+def recall_at_k(model: Realm, data: PretrainData, index: LiveIndex, k: int, batch_size: int = 64) -> float:
+    """Share of held-out masked examples whose gold document (never the excluded source) is in the top k."""
+    was = model.training
+    model.eval()
+    hits, total = 0, 0
+    for examples, batch in data.eval_batches(batch_size):
+        q = model.retriever.query(batch.query_ids, batch.query_mask)
+        _, ids = index.search(q, k, batch.source)
+        for e, row in zip(examples, ids.tolist()):
+            if e.gold:
+                total += 1
+                hits += bool(set(row) & set(e.gold))
+    model.train(was)
+    return hits / total if total else float("nan")
+
+
+@torch.no_grad()
+def mlm_accuracy(model: Realm, data: PretrainData, index: LiveIndex | None, k: int, batch_size: int = 32) -> float:
+    """Exact-token accuracy of argmax_v p(v|x), marginalised over the retrieved docs, on held-out spans."""
+    was = model.training
+    model.eval()
+    correct, total = 0.0, 0.0
+    for _, batch in data.eval_batches(batch_size):
+        out = model(batch, data, index, k, train_retriever=False)
+        pred = model.predict_tokens(out)
+        correct += float(((pred == batch.targets).float() * batch.target_mask).sum())
+        total += float(batch.target_mask.sum())
+    model.train(was)
+    return correct / total if total else float("nan")

@@ -1,0 +1,62 @@
+"""The knowledge-augmented encoder: BERT MLM over `[CLS] x [SEP] z [SEP]`, optionally with a copy head.
+
+The copy head (a gate between the vocabulary softmax and attention from the masked position over z's tokens)
+is what lets a small reader trained from scratch learn to use documents within minutes (../shared/FACTS.md).
+Only the masked positions are projected onto the vocabulary: [n, L, V] logits are never built.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import BertForMaskedLM
+
+from realm_hpc.config import ModelConfig
+from realm_hpc.models.encoders import bert_config
+
+
+class Reader(nn.Module):
+    def __init__(self, cfg: ModelConfig, vocab_size: int):
+        super().__init__()
+        if cfg.pretrained:
+            self.mlm = BertForMaskedLM.from_pretrained(cfg.pretrained)
+        else:
+            self.mlm = BertForMaskedLM(bert_config(cfg, vocab_size, cfg.reader_len))
+        hidden = self.mlm.config.hidden_size
+        self.copy_head = cfg.copy_head
+        if cfg.copy_head:
+            self.copy_query = nn.Linear(hidden, hidden)
+            self.copy_key = nn.Linear(hidden, hidden)
+            self.copy_gate = nn.Linear(hidden, 1)
+
+    def token_logprobs(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, token_type_ids: torch.Tensor,
+                       positions: torch.Tensor, doc_mask: torch.Tensor) -> torch.Tensor:
+        """Log-distribution over the vocabulary at each masked position: [n, T, V].
+
+        positions: [n, T] masked positions (padded entries point at 0 and are ignored by the caller);
+        doc_mask: [n, L] True on the tokens of z the copy head may point at.
+        """
+        hidden = self.mlm.bert(input_ids=input_ids, attention_mask=attention_mask,
+                               token_type_ids=token_type_ids).last_hidden_state
+        at = torch.gather(hidden, 1, positions.unsqueeze(-1).expand(-1, -1, hidden.size(-1)))  # [n, T, H]
+        vocab_logp = F.log_softmax(self.mlm.cls(at).float(), dim=-1)
+        if not self.copy_head:
+            return vocab_logp
+        attn = torch.einsum("nth,nlh->ntl", self.copy_query(at), self.copy_key(hidden)) / hidden.size(-1) ** 0.5
+        has_doc = doc_mask.any(dim=1)  # the null document has nothing to copy
+        attn = attn.float().masked_fill(~doc_mask.unsqueeze(1), float("-inf"))
+        attn = torch.where(has_doc[:, None, None], attn, torch.zeros_like(attn))
+        copy_p = torch.zeros_like(vocab_logp).scatter_add_(
+            2, input_ids.unsqueeze(1).expand(-1, at.size(1), -1), F.softmax(attn, dim=-1))
+        gate = torch.sigmoid(self.copy_gate(at).float())  # [n, T, 1] weight of the vocabulary softmax
+        gate = torch.where(has_doc[:, None, None], gate, torch.ones_like(gate))
+        mixed = gate * vocab_logp.exp() + (1 - gate) * copy_p
+        return torch.log(mixed.clamp_min(1e-30))
+
+    def target_logprob(self, input_ids, attention_mask, token_type_ids, positions, targets, target_mask,
+                       doc_mask) -> torch.Tensor:
+        """log p(y | z, x) of the whole masked span (sum over its tokens): [n]."""
+        logp = self.token_logprobs(input_ids, attention_mask, token_type_ids, positions, doc_mask)
+        picked = torch.gather(logp, 2, targets.unsqueeze(-1)).squeeze(-1)
+        return (picked * target_mask).sum(dim=1)

@@ -1,0 +1,82 @@
+"""REALM's marginal likelihood: p(y|x) = sum_z p(y|z,x) p(z|x) over the top-k retrieved docs plus the null doc.
+
+Retrieval runs against the stale index (no gradient); the retrieved docs are then re-encoded with the current
+doc encoder so the relevance scores f(x)·g(z) carry gradients to both encoders (REALM §3.2). Both hot spots go
+through `kernels/`: `ip_topk` for the search and `marginal_logsumexp` for the marginal.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+import kernels
+from realm_hpc.config import Config
+from realm_hpc.data.examples import Batch, PretrainData
+from realm_hpc.models.encoders import Retriever
+from realm_hpc.models.reader import Reader
+from realm_hpc.retrieval.index import LiveIndex
+
+
+@dataclass
+class RealmOutput:
+    log_marginal: torch.Tensor  # [B] log p(y|x)
+    scores: torch.Tensor  # [B, K] relevance of the docs the reader saw (null doc last)
+    reader_logprob: torch.Tensor  # [B, K] log p(y|z,x)
+    doc_ids: torch.Tensor  # [B, K] block ids, -1 = null doc
+    reader_inputs: dict
+
+
+class Realm(nn.Module):
+    def __init__(self, cfg: Config, vocab_size: int):
+        super().__init__()
+        self.cfg = cfg
+        self.retriever = Retriever(cfg.model, vocab_size)
+        self.reader = Reader(cfg.model, vocab_size)
+
+    def null_doc_score(self, q: torch.Tensor, data: PretrainData) -> torch.Tensor:
+        # The null document is an empty block: [CLS] [SEP]. Encoding it each step keeps its score learnable.
+        ids = torch.tensor([[data.cls_id, data.sep_id]])
+        return q @ self.retriever.doc(ids, torch.ones_like(ids)).squeeze(0)
+
+    def forward(self, batch: Batch, data: PretrainData, index: LiveIndex | None, k: int,
+                train_retriever: bool = True) -> RealmOutput:
+        B = batch.query_ids.size(0)
+        use_retrieval = self.cfg.retrieval.enabled and index is not None and k > 0
+        with torch.set_grad_enabled(train_retriever and torch.is_grad_enabled()):
+            q = self.retriever.query(batch.query_ids, batch.query_mask)
+            parts_scores, parts_ids = [], []
+            if use_retrieval:
+                exclude = batch.source if self.cfg.retrieval.exclude_source else None
+                stale_scores, ids = index.search(q, k, exclude)
+                if train_retriever:
+                    docs = data.blocks.batch(ids.flatten().tolist())
+                    g = self.retriever.doc(docs["input_ids"], docs["attention_mask"]).view(B, k, -1)
+                    parts_scores.append(torch.einsum("bp,bkp->bk", q, g))
+                else:
+                    parts_scores.append(stale_scores.to(q.dtype))
+                parts_ids.append(ids)
+            if self.cfg.retrieval.null_doc or not use_retrieval:
+                parts_scores.append(self.null_doc_score(q, data).unsqueeze(1))
+                parts_ids.append(torch.full((B, 1), -1, dtype=torch.long))
+            scores = torch.cat(parts_scores, dim=1)
+            doc_ids = torch.cat(parts_ids, dim=1)
+        inputs = data.reader_inputs(batch, doc_ids)
+        logp = self.reader.target_logprob(inputs["input_ids"], inputs["attention_mask"], inputs["token_type_ids"],
+                                          inputs["positions"], inputs["targets"], inputs["target_mask"],
+                                          inputs["doc_mask"]).view(B, -1)
+        log_marginal = kernels.marginal_logsumexp(scores.float(), logp)
+        return RealmOutput(log_marginal, scores, logp, doc_ids, inputs)
+
+    @torch.no_grad()
+    def predict_tokens(self, out: RealmOutput) -> torch.Tensor:
+        """argmax_v sum_z p(z|x) p(v|z,x) at each masked position: [B, T]."""
+        inp = out.reader_inputs
+        B, K = out.doc_ids.shape
+        token_logp = self.reader.token_logprobs(inp["input_ids"], inp["attention_mask"], inp["token_type_ids"],
+                                                inp["positions"], inp["doc_mask"])  # [B*K, T, V]
+        token_logp = token_logp.view(B, K, *token_logp.shape[1:])
+        prior = torch.log_softmax(out.scores.float(), dim=1)[:, :, None, None]
+        return torch.logsumexp(prior + token_logp, dim=1).argmax(dim=-1)

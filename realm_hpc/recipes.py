@@ -1,0 +1,41 @@
+"""Named recipes: plain functions returning a Config. A recipe is data, not a script."""
+
+from __future__ import annotations
+
+from realm_hpc.config import Config, ConfigError
+
+
+def demo() -> Config:
+    """The `make demo` run: the embedded fact world, tiny BERTs, copy-head reader, MPI refresher, <= 10 min."""
+    cfg = Config(recipe="demo")
+    cfg.model.copy_head = True
+    cfg.model.pooling = "mean"
+    cfg.refresh.mode = "mpi"
+    cfg.eval.closed_book_baseline = True
+    return cfg
+
+
+def tiny() -> Config:
+    """For tests: a small world and short phases, inline refresh, under a minute on 2 cores."""
+    cfg = Config(recipe="tiny")
+    cfg.model.copy_head = True
+    cfg.model.pooling = "mean"
+    cfg.model.vocab_size = 800
+    cfg.model.hidden, cfg.model.intermediate = 64, 256
+    cfg.data.world_people, cfg.data.world_orgs, cfg.data.world_cities = 200, 40, 20
+    cfg.data.world_surnames = 30
+    cfg.data.heldout_facts, cfg.data.eval_examples = 60, 60
+    cfg.ict.steps, cfg.ict.eval_every, cfg.ict.batch_size = 60, 30, 32
+    cfg.train.steps, cfg.train.reader_warmup_steps = 60, 20
+    cfg.train.eval_every, cfg.train.checkpoint_every, cfg.train.log_every = 30, 30, 5
+    cfg.refresh.every = 20
+    return cfg
+
+
+RECIPES = {"demo": demo, "tiny": tiny}
+
+
+def get_recipe(name: str) -> Config:
+    if name not in RECIPES:
+        raise ConfigError(f"unknown recipe '{name}' (known: {', '.join(sorted(RECIPES))})")
+    return RECIPES[name]()

@@ -1,0 +1,60 @@
+"""The dense index of g(z) over the whole corpus, versioned, searched through `kernels.ip_topk`.
+
+The index is stale by design (REALM): it is rebuilt from a recent doc-encoder snapshot and swapped in whole
+between steps. `weights_step` records which training step's weights built it, so staleness is observable.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from tqdm import tqdm
+
+import kernels
+
+
+@dataclass
+class IndexSnapshot:
+    embeddings: torch.Tensor  # [N, P] float32
+    version: int
+    weights_step: int  # the training step whose doc-encoder weights produced these embeddings
+
+
+class LiveIndex:
+    """The index the trainer searches. `swap` replaces it whole; a search never sees a half-built index."""
+
+    def __init__(self, snapshot: IndexSnapshot):
+        self.snapshot = snapshot
+
+    @property
+    def version(self) -> int:
+        return self.snapshot.version
+
+    def staleness(self, step: int) -> int:
+        return step - self.snapshot.weights_step
+
+    def swap(self, snapshot: IndexSnapshot) -> None:
+        self.snapshot = snapshot
+
+    def search(self, queries: torch.Tensor, k: int, exclude: torch.Tensor | None = None):
+        emb = self.snapshot.embeddings
+        return kernels.ip_topk(queries.detach().to(emb.dtype), emb, k, exclude)
+
+
+@torch.no_grad()
+def encode_blocks(encoder: torch.nn.Module, blocks, batch_size: int, progress: bool = False,
+                  indices: range | None = None) -> torch.Tensor:
+    """g(z) for every block (or a range of them), in batches, in eval mode. The one encoding loop shared by the
+    inline refresh, the refresher ranks and build-index."""
+    indices = indices if indices is not None else range(len(blocks))
+    was_training = encoder.training
+    encoder.eval()
+    out = []
+    starts = range(indices.start, indices.stop, batch_size)
+    for start in tqdm(starts, desc="encode", disable=not progress, leave=False):
+        batch = blocks.batch(range(start, min(start + batch_size, indices.stop)))
+        out.append(encoder(batch["input_ids"], batch["attention_mask"]).float())
+    encoder.train(was_training)
+    proj = encoder.proj.out_features
+    return torch.cat(out) if out else torch.empty(0, proj)

@@ -1,0 +1,187 @@
+"""Index refresh: the blocking inline baseline, and refresher ranks that re-encode the corpus asynchronously.
+
+The MPI protocol, all of it (so more trainers or refreshers is a change of counts, not of code):
+- trainer 0 -> each refresher: TAG_READY once (the run directory), then per refresh TAG_HEADER
+  [version, weights_step, n_floats] and TAG_WEIGHTS (the doc encoder's flat float32 parameters), finally
+  TAG_STOP;
+- each refresher -> trainer 0: TAG_STATS [version, encode_s] and TAG_EMBEDDINGS, its shard's rows (shard =
+  the refresher's slice of the corpus by arithmetic).
+Trainer 0 talks MPI only from a background thread that polls with short sleeps: mpich's blocking calls spin a
+core, and a large message only moves while both sides call into MPI. The training loop just takes a finished
+index from a slot between steps (double buffer), so it never waits on a refresh.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from realm_hpc.retrieval.index import IndexSnapshot, LiveIndex, encode_blocks
+
+TAG_READY, TAG_HEADER, TAG_WEIGHTS, TAG_STOP, TAG_STATS, TAG_EMBEDDINGS = 10, 11, 12, 13, 14, 15
+_POLL_S = 0.002
+
+
+def shard_range(n: int, shards: int, i: int) -> range:
+    return range(n * i // shards, n * (i + 1) // shards)
+
+
+def flatten_params(module: torch.nn.Module) -> np.ndarray:
+    return torch.cat([p.detach().float().reshape(-1) for p in module.state_dict().values()]).numpy()
+
+
+def load_flat_params(module: torch.nn.Module, flat: np.ndarray) -> None:
+    state, offset = module.state_dict(), 0
+    for name, t in state.items():
+        n = t.numel()
+        t.copy_(torch.from_numpy(flat[offset:offset + n]).view_as(t).to(t.dtype))
+        offset += n
+    if offset != flat.size:
+        raise ValueError(f"weights message has {flat.size} floats, the doc encoder needs {offset}")
+
+
+def _wait(request) -> None:
+    while not request.Test():
+        time.sleep(_POLL_S)
+
+
+@dataclass
+class RefreshEvent:
+    """What happened at one step boundary."""
+    swapped: bool = False
+    sent: bool = False
+    wait_s: float = 0.0  # time the training loop spent here
+    encode_s: float = 0.0  # time to re-encode (inline: blocking; mpi: on the refreshers)
+    docs_per_s: float = 0.0
+
+
+class InlineRefresher:
+    """The blocking baseline (and the single-process debug path): re-encode every `every` steps, in the loop."""
+
+    def __init__(self, blocks, every: int, batch_size: int):
+        self.blocks, self.every, self.batch_size = blocks, every, batch_size
+
+    def step_boundary(self, step: int, doc_encoder: torch.nn.Module, live: LiveIndex) -> RefreshEvent:
+        if step == 0 or step % self.every:
+            return RefreshEvent()
+        t0 = time.perf_counter()
+        emb = encode_blocks(doc_encoder, self.blocks, self.batch_size)
+        live.swap(IndexSnapshot(emb, live.version + 1, step))
+        spent = time.perf_counter() - t0
+        return RefreshEvent(swapped=True, sent=True, wait_s=spent, encode_s=spent, docs_per_s=len(self.blocks) / spent)
+
+    def close(self) -> None:
+        pass
+
+
+class MPIRefresher:
+    """Trainer 0's side: hands weight snapshots to the refresher ranks and collects the new index."""
+
+    def __init__(self, comm, refreshers: list[int], n_docs: int, dim: int, every: int, run_dir: str):
+        self.comm, self.refreshers, self.n_docs, self.dim, self.every = comm, refreshers, n_docs, dim, every
+        self._todo: queue.Queue = queue.Queue()
+        self._done: IndexSnapshot | None = None
+        self._done_stats: tuple[float, float] = (0.0, 0.0)
+        self._lock = threading.Lock()
+        self._busy = False
+        self._error: BaseException | None = None
+        self.last_sent = None
+        for r in refreshers:
+            comm.send(str(run_dir), dest=r, tag=TAG_READY)
+        self._thread = threading.Thread(target=self._serve, name="refresh-comm", daemon=True)
+        self._thread.start()
+
+    def step_boundary(self, step: int, doc_encoder: torch.nn.Module, live: LiveIndex) -> RefreshEvent:
+        t0 = time.perf_counter()
+        if self._error is not None:
+            raise RuntimeError(f"index refresh failed: {self._error}")
+        event = RefreshEvent()
+        with self._lock:
+            done, self._done = self._done, None
+        if done is not None:
+            live.swap(done)
+            self._busy = False
+            event.swapped = True
+            event.encode_s, docs = self._done_stats
+            event.docs_per_s = docs / max(event.encode_s, 1e-9)
+        if not self._busy and (self.last_sent is None or step - self.last_sent >= self.every):
+            self._todo.put((live.version + 1, step, flatten_params(doc_encoder)))
+            self._busy, self.last_sent, event.sent = True, step, True
+        event.wait_s = time.perf_counter() - t0
+        return event
+
+    def _serve(self) -> None:
+        try:
+            while True:
+                item = self._todo.get()
+                if item is None:
+                    for r in self.refreshers:
+                        _wait(self.comm.isend(None, dest=r, tag=TAG_STOP))
+                    return
+                version, step, flat = item
+                header = np.asarray([version, step, flat.size], dtype=np.int64)
+                sends = []
+                for r in self.refreshers:
+                    sends += [self.comm.Isend(header, dest=r, tag=TAG_HEADER),
+                              self.comm.Isend(flat, dest=r, tag=TAG_WEIGHTS)]
+                back = np.empty((self.n_docs, self.dim), dtype=np.float32)  # the back buffer of version v+1
+                stats = np.zeros((len(self.refreshers), 2), dtype=np.float64)
+                recvs = []
+                for i, r in enumerate(self.refreshers):
+                    rows = shard_range(self.n_docs, len(self.refreshers), i)
+                    recvs += [self.comm.Irecv(stats[i], source=r, tag=TAG_STATS),
+                              self.comm.Irecv(back[rows.start:rows.stop], source=r, tag=TAG_EMBEDDINGS)]
+                for req in sends + recvs:
+                    _wait(req)
+                with self._lock:
+                    self._done = IndexSnapshot(torch.from_numpy(back), version, step)
+                    self._done_stats = (float(stats[:, 1].max()), float(self.n_docs))
+        except BaseException as e:  # surfaced to the training loop at the next step boundary
+            self._error = e
+
+    def close(self, timeout_s: float = 60.0) -> None:
+        """Let an in-flight refresh land (bounded), then stop the refreshers."""
+        deadline = time.perf_counter() + timeout_s
+        while self._busy and self._done is None and time.perf_counter() < deadline and self._error is None:
+            time.sleep(0.01)
+        self._todo.put(None)
+        self._thread.join(timeout=timeout_s)
+
+
+def serve_refresher(comm, trainer: int, shard_index: int, n_shards: int, make_encoder) -> None:
+    """A refresher rank's life: wait for the run, then re-encode its shard for each weight snapshot received.
+
+    make_encoder(run_dir) -> (doc encoder, block store, batch size).
+    """
+    from mpi4py import MPI
+
+    status = MPI.Status()
+    while not comm.Iprobe(source=trainer, tag=MPI.ANY_TAG, status=status):
+        time.sleep(0.01)
+    if status.Get_tag() == TAG_STOP:
+        comm.recv(source=trainer, tag=TAG_STOP)
+        return
+    run_dir = comm.recv(source=trainer, tag=TAG_READY)
+    encoder, blocks, batch_size = make_encoder(run_dir)
+    rows = shard_range(len(blocks), n_shards, shard_index)
+    while True:
+        while not comm.Iprobe(source=trainer, tag=MPI.ANY_TAG, status=status):
+            time.sleep(0.005)
+        if status.Get_tag() == TAG_STOP:
+            comm.recv(source=trainer, tag=TAG_STOP)
+            return
+        header = np.empty(3, dtype=np.int64)
+        _wait(comm.Irecv(header, source=trainer, tag=TAG_HEADER))
+        flat = np.empty(int(header[2]), dtype=np.float32)
+        _wait(comm.Irecv(flat, source=trainer, tag=TAG_WEIGHTS))
+        load_flat_params(encoder, flat)
+        t0 = time.perf_counter()
+        emb = np.ascontiguousarray(encode_blocks(encoder, blocks, batch_size, indices=rows).numpy())
+        stats = np.asarray([header[0], time.perf_counter() - t0], dtype=np.float64)
+        _wait(comm.Isend(stats, dest=trainer, tag=TAG_STATS))
+        _wait(comm.Isend(emb, dest=trainer, tag=TAG_EMBEDDINGS))

@@ -1,0 +1,258 @@
+"""REALM pretraining: ICT warm start -> reader warm-up -> REALM with asynchronous index refresh -> evaluation.
+
+Phases share one model and one run directory; a checkpoint after ICT and every `train.checkpoint_every` steps
+lets `--resume` continue a killed run with the same losses an uninterrupted run has.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from realm_hpc.checkpoint import atomic_write_json, load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from realm_hpc.config import Config
+from realm_hpc.data.examples import PretrainData
+from realm_hpc.dist import print0
+from realm_hpc.evaluate import mlm_accuracy, recall_at_k
+from realm_hpc.metrics import MetricsLogger, plot_curves
+from realm_hpc.models.realm import Realm
+from realm_hpc.retrieval.index import IndexSnapshot, LiveIndex, encode_blocks
+from realm_hpc.retrieval.refresh import InlineRefresher
+
+
+class TrainingError(RuntimeError):
+    pass
+
+
+@dataclass
+class RunState:
+    """Everything besides tensors that a resumed run needs (saved inside the checkpoint)."""
+    step: int = 0  # REALM loop steps done
+    ict_done: bool = False
+    ict_steps: int = 0
+    recall_at_k_start: float = float("nan")
+    recall_at_k_after_ict: float = float("nan")
+    index_versions: int = 0
+    max_staleness: int = 0
+    trainer_wait_s: float = 0.0
+    wall_s: float = 0.0  # wall time of earlier (killed) attempts
+    refresh_steps: list[int] = field(default_factory=list)
+
+
+def build_optimizer(model: Realm, cfg: Config, retriever_lr: float):
+    groups = [{"params": list(model.reader.parameters()), "lr": cfg.optim.lr},
+              {"params": list(model.retriever.parameters()), "lr": retriever_lr}]
+    opt = torch.optim.AdamW(groups, weight_decay=cfg.optim.weight_decay)
+    warm = max(1, cfg.optim.warmup_steps)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warm))
+    return opt, sched
+
+
+def fresh_index(model: Realm, data: PretrainData, cfg: Config, version: int, step: int) -> LiveIndex:
+    emb = encode_blocks(model.retriever.doc, data.blocks, cfg.refresh.batch_size)
+    return LiveIndex(IndexSnapshot(emb, version, step))
+
+
+class Pretrainer:
+    def __init__(self, cfg: Config, run_dir: str | Path, resume: bool = False, refresher_factory=None):
+        self.cfg, self.run_dir, self.resume = cfg, Path(run_dir), resume
+        self.refresher_factory = refresher_factory  # (data) -> refresher; None = inline
+        self.t0 = time.perf_counter()
+
+    # -- the whole run -------------------------------------------------------------------------------------------
+    def run(self) -> dict:
+        cfg = self.cfg
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        torch.manual_seed(cfg.train.seed)
+        data = self.data = PretrainData(cfg, self.run_dir)
+        model = self.model = Realm(cfg, data.vocab_size)
+        state = RunState()
+        ckpt = None
+        if self.resume and (self.run_dir / "checkpoint").exists():
+            ckpt = load_checkpoint(self.run_dir / "checkpoint")
+            model.load_state_dict(ckpt["model"])
+            state = RunState(**ckpt["run_state"])
+            print0(f"resuming at step {state.step} (ict done: {state.ict_done})")
+        self.state = state
+        self.log = MetricsLogger(self.run_dir, resume_step=self._global_step() if ckpt else None)
+        try:
+            if not state.ict_done:
+                self.ict()
+                self.checkpoint(live=None, opt=None, sched=None)
+            live = self.realm(ckpt)
+            summary = self.finish(live)
+        finally:
+            self.log.close()
+        return summary
+
+    def _global_step(self) -> int:
+        return self.state.ict_steps + self.state.step
+
+    # -- ICT warm start --------------------------------------------------------------------------------------
+    def ict(self) -> None:
+        cfg, data, model, state = self.cfg, self.data, self.model, self.state
+        k = cfg.retrieval.k
+        state.recall_at_k_start = recall_at_k(model, data, fresh_index(model, data, cfg, 0, 0), k)
+        print0(f"recall@{k} at start: {state.recall_at_k_start:.3f} (chance {data.chance_recall(k):.3f})")
+        self.log.log(0, phase="ict", recall_at_k=state.recall_at_k_start)
+        state.recall_at_k_after_ict = state.recall_at_k_start
+        if cfg.ict.steps <= 0:
+            return
+        opt = torch.optim.AdamW(model.retriever.parameters(), lr=cfg.ict.lr, weight_decay=cfg.optim.weight_decay)
+        best, stalls = state.recall_at_k_start, 0
+        bar = tqdm(range(cfg.ict.steps), desc="ict", leave=False)
+        for step in bar:
+            queries, blocks = data.ict_batch(step, cfg.ict.batch_size, cfg.train.seed, cfg.ict.keep_sentence_prob)
+            q = model.retriever.query(queries["input_ids"], queries["attention_mask"])
+            g = model.retriever.doc(blocks["input_ids"], blocks["attention_mask"])
+            logits = q @ g.T
+            loss = F.cross_entropy(logits, torch.arange(len(q)))
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.retriever.parameters(), cfg.optim.grad_clip)
+            opt.step()
+            state.ict_steps = step + 1
+            bar.set_postfix(loss=f"{loss.item():.3f}")
+            if state.ict_steps % cfg.train.log_every == 0:
+                self.log.log(state.ict_steps, phase="ict", ict_loss=loss.item())
+            if state.ict_steps % cfg.ict.eval_every == 0 or state.ict_steps == cfg.ict.steps:
+                recall = recall_at_k(model, data, fresh_index(model, data, cfg, 0, 0), k)
+                self.log.log(state.ict_steps, phase="ict", recall_at_k=recall)
+                state.recall_at_k_after_ict = recall
+                # ICT has converged when recall stops rising (two evaluations without a real gain).
+                stalls = stalls + 1 if recall < best + 0.005 else 0
+                best = max(best, recall)
+                if stalls >= 2:
+                    break
+        state.ict_done = True
+        print0(f"recall@{k} after ICT ({state.ict_steps} steps): {state.recall_at_k_after_ict:.3f}")
+
+    # -- REALM -------------------------------------------------------------------------------------------------
+    def realm(self, ckpt: dict | None) -> LiveIndex:
+        cfg, data, model, state = self.cfg, self.data, self.model, self.state
+        k = cfg.retrieval.k
+        opt, sched = build_optimizer(model, cfg, cfg.optim.lr * cfg.optim.retriever_lr_scale)
+        if ckpt is not None and ckpt.get("optimizer") is not None:
+            opt.load_state_dict(ckpt["optimizer"])
+            sched.load_state_dict(ckpt["scheduler"])
+            idx = ckpt["index"]
+            live = LiveIndex(IndexSnapshot(idx["embeddings"], idx["version"], idx["weights_step"]))
+            set_rng_state(ckpt["rng"])
+        else:
+            live = fresh_index(model, data, cfg, 1, state.step)
+            state.index_versions = 1
+        refresher = (self.refresher_factory(data) if self.refresher_factory
+                     else InlineRefresher(data.blocks, cfg.refresh.every, cfg.refresh.batch_size))
+        bar = tqdm(range(state.step, cfg.train.steps), desc="realm", leave=False, initial=state.step,
+                   total=cfg.train.steps)
+        window = []
+        try:
+            for step in bar:
+                event = refresher.step_boundary(step, model.retriever.doc, live)
+                if event.swapped:
+                    state.index_versions += 1
+                    state.refresh_steps.append(step)
+                    self.log.mark_event(self._global_step(), "refresh")
+                state.trainer_wait_s += event.wait_s
+                warm = step < cfg.train.reader_warmup_steps
+                train_retriever = step >= cfg.train.reader_warmup_steps + cfg.train.retriever_freeze_steps
+                batch = data.train_batch(step, cfg.train.batch_size, cfg.train.seed)
+                out = model(batch, data, live, cfg.train.reader_warmup_k if warm else k, train_retriever)
+                loss = -out.log_marginal.mean()
+                if not math.isfinite(loss.item()):
+                    raise TrainingError(f"loss is {loss.item()} at step {step} (lower optim.lr or check the data)")
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
+                opt.step()
+                sched.step()
+                state.step = step + 1
+                staleness = live.staleness(state.step)
+                state.max_staleness = max(state.max_staleness, staleness)
+                window.append(loss.item())
+                bar.set_postfix(loss=f"{loss.item():.3f}", v=live.version, stale=staleness)
+                row = {}
+                if state.step % cfg.train.log_every == 0:
+                    row.update(loss=sum(window) / len(window), lr=sched.get_last_lr()[0], index_version=live.version,
+                               staleness=staleness, wait_s=event.wait_s, refresh_docs_per_s=event.docs_per_s)
+                    window = []
+                if state.step % cfg.train.eval_every == 0 or state.step == cfg.train.steps:
+                    row.update(recall_at_k=recall_at_k(model, data, live, k),
+                               mlm_acc=mlm_accuracy(model, data, live, k, cfg.eval.batch_size))
+                if row:
+                    self.log.log(self._global_step(), phase="warmup" if warm else "realm", **row)
+                if state.step % cfg.train.checkpoint_every == 0 and state.step < cfg.train.steps:
+                    self.checkpoint(live, opt, sched)
+        finally:
+            refresher.close()
+        self.checkpoint(live, opt, sched)
+        return live
+
+    # -- checkpoint, evaluation, summary ----------------------------------------------------------------------
+    def checkpoint(self, live: LiveIndex | None, opt, sched) -> None:
+        self.state.wall_s += time.perf_counter() - self.t0
+        self.t0 = time.perf_counter()
+        st = self.state
+        payload = {
+            "model": self.model.state_dict(),
+            "optimizer": opt.state_dict() if opt is not None else None,
+            "scheduler": sched.state_dict() if sched is not None else None,
+            "run_state": {k: getattr(st, k) for k in RunState.__dataclass_fields__},
+            "rng": rng_state(),
+            "data_position": st.step * self.cfg.train.batch_size,
+            "index": None if live is None else {"embeddings": live.snapshot.embeddings,
+                                                "version": live.snapshot.version,
+                                                "weights_step": live.snapshot.weights_step},
+        }
+        save_checkpoint(self.run_dir / "checkpoint", payload)
+
+    def finish(self, live: LiveIndex) -> dict:
+        cfg, data, model, st = self.cfg, self.data, self.model, self.state
+        k = cfg.retrieval.k
+        final = fresh_index(model, data, cfg, live.version + 1, st.step)  # evaluate the final encoder, not a stale one
+        summary = {
+            "recipe": cfg.recipe, "steps": st.step, "corpus_docs": len(data.blocks), "k": k,
+            "recall_at_8_start" if k == 8 else f"recall_at_{k}_start": st.recall_at_k_start,
+            "recall_at_8_after_ict" if k == 8 else f"recall_at_{k}_after_ict": st.recall_at_k_after_ict,
+            "recall_at_8" if k == 8 else f"recall_at_{k}": recall_at_k(model, data, final, k),
+            "chance_recall_at_8" if k == 8 else f"chance_recall_at_{k}": data.chance_recall(k),
+            "mlm_acc_retrieval": mlm_accuracy(model, data, final, k, cfg.eval.batch_size),
+            "ict_steps": st.ict_steps,
+            "index_versions": st.index_versions,
+            "max_staleness_steps": st.max_staleness,
+            "trainer_wait_s": st.trainer_wait_s,
+            "refresh_mode": cfg.refresh.mode,
+            "eval_examples": len(data.eval),
+        }
+        if cfg.eval.closed_book_baseline:
+            summary["mlm_acc_closed_book"] = self.closed_book_baseline()
+        summary["wall_s"] = st.wall_s + time.perf_counter() - self.t0
+        summary["trainer_wait_share"] = st.trainer_wait_s / summary["wall_s"]
+        atomic_write_json(self.run_dir / "summary.json", summary)
+        plot_curves(self.run_dir)
+        return summary
+
+    def closed_book_baseline(self) -> float:
+        """The same reader, budget and data with retrieval off: it sees only the null document."""
+        from dataclasses import replace
+
+        cfg = self.cfg
+        cb_cfg = replace(cfg, retrieval=replace(cfg.retrieval, enabled=False))
+        torch.manual_seed(cfg.train.seed)
+        model = Realm(cb_cfg, self.data.vocab_size)
+        opt, sched = build_optimizer(model, cb_cfg, 0.0)
+        for step in tqdm(range(cfg.train.steps), desc="closed-book", leave=False):
+            batch = self.data.train_batch(step, cfg.train.batch_size, cfg.train.seed)
+            loss = -model(batch, self.data, None, 0, train_retriever=False).log_marginal.mean()
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
+            opt.step()
+            sched.step()
+        return mlm_accuracy(model, self.data, None, 0, cfg.eval.batch_size)

@@ -1,0 +1,207 @@
+import os
+
+import numpy as np
+import pytest
+import torch
+
+from realm_hpc.data.blocks import BlockStore
+from realm_hpc.data.corpus import Doc
+from realm_hpc.data.tokenizer import SPECIAL_TOKENS, load_tokenizer, train_wordpiece
+
+# Many words with equal counts: the merges tie, which is where tokenizers' own training is not reproducible.
+_TEXTS = [f"the quick brown fox number {i} jumps over the lazy dog near river {i % 7}." for i in range(200)] + [
+    "Hello World, hello REALM retrieval! Ünïcödé café Ärger",
+    "Alpha beta gamma delta epsilon zeta eta theta iota kappa lambda mu nu xi omicron pi rho sigma tau",
+]
+
+DOCS = [
+    Doc(id="d0", title="Fox", text="the quick brown fox jumps over the lazy dog."),
+    Doc(id="d1", title="", text="hello world"),
+    Doc(id="d2", title="Café Ärger", text="alpha beta gamma delta epsilon zeta eta theta iota kappa lambda"),
+    Doc(id="42", title="River", text="near river 3 the lazy dog jumps."),
+    Doc(id="d4", title="Greek", text="mu nu xi omicron pi rho sigma tau"),
+]
+
+
+@pytest.fixture(scope="module")
+def tok_dir(tmp_path_factory):
+    out = tmp_path_factory.mktemp("tok") / "wordpiece"
+    train_wordpiece(_TEXTS, vocab_size=120, out_dir=out, min_frequency=1)
+    return out
+
+
+@pytest.fixture(scope="module")
+def tok(tok_dir):
+    return load_tokenizer(tok_dir)
+
+
+def _ids(tok, s: str) -> list[int]:
+    return tok(s, add_special_tokens=False)["input_ids"]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Tokenizer
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def test_train_wordpiece_is_deterministic(tmp_path):
+    outs = [tmp_path / f"run{i}" for i in range(3)]
+    for out in outs:
+        train_wordpiece(iter(_TEXTS), vocab_size=120, out_dir=out, min_frequency=1)  # a one-shot iterator too
+    for name in ("vocab.txt", "tokenizer.json"):
+        first = (outs[0] / name).read_bytes()
+        assert all((out / name).read_bytes() == first for out in outs[1:]), name
+
+
+def test_trained_tokenizer_round_trips(tok_dir, tok):
+    assert sorted(os.listdir(tok_dir)) == ["tokenizer.json", "tokenizer_config.json", "vocab.txt"]
+    assert os.listdir(tok_dir.parent) == ["wordpiece"]  # no temp dir left beside it
+    vocab = (tok_dir / "vocab.txt").read_text(encoding="utf-8").splitlines()
+    assert vocab[:5] == list(SPECIAL_TOKENS)
+    assert len(vocab) == len(tok) <= 120
+    assert [tok.convert_tokens_to_ids(t) for t in vocab] == list(range(len(vocab)))
+    assert (tok.pad_token_id, tok.unk_token_id, tok.cls_token_id, tok.sep_token_id, tok.mask_token_id) == (
+        0, 1, 2, 3, 4)
+
+    # Lowercase with accents stripped, and real merges were learnt (a frequent word is one piece).
+    assert tok.tokenize("The QUICK Café") == tok.tokenize("the quick cafe")
+    assert tok.tokenize("quick") == ["quick"]
+    assert tok.tokenize("zebra") != ["[UNK]"]  # unseen word splits into known pieces
+
+    again = load_tokenizer(tok_dir)
+    text = "Hello lazy dog, jumps over river 5!"
+    assert again(text)["input_ids"] == tok(text)["input_ids"]
+
+
+def test_load_tokenizer_reads_a_vocab_txt_only_dir(tmp_path, tok_dir, tok):
+    # What a bare BERT checkpoint directory may hold: vocab.txt and no tokenizer.json.
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    (bare / "vocab.txt").write_bytes((tok_dir / "vocab.txt").read_bytes())
+    text = "the quick brown fox near river 3"
+    assert load_tokenizer(bare)(text)["input_ids"] == tok(text)["input_ids"]
+
+
+def test_load_tokenizer_errors_are_one_line(tmp_path):
+    for path in (tmp_path / "missing", tmp_path):  # absent dir; dir without a vocabulary
+        with pytest.raises(FileNotFoundError) as info:
+            load_tokenizer(path)
+        assert str(path) in str(info.value) and "\n" not in str(info.value)
+
+
+def test_train_wordpiece_rejects_a_bare_string(tmp_path):
+    with pytest.raises(TypeError):
+        train_wordpiece("one long text", vocab_size=50, out_dir=tmp_path / "t")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Block store
+# ---------------------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def store(tok, tmp_path_factory):
+    # batch_size 2 makes the build cross chunk boundaries (5 docs -> chunks of 2, 2, 1).
+    return BlockStore.build(DOCS, tok, tmp_path_factory.mktemp("blocks") / "store", max_len=288, batch_size=2)
+
+
+def test_build_open_round_trip(store, tok):
+    reopened = BlockStore.open(store.path)
+    assert len(reopened) == len(DOCS)
+    cls_id, sep_id = tok.cls_token_id, tok.sep_token_id
+    for i, d in enumerate(DOCS):
+        expected = [cls_id, *_ids(tok, d.title), sep_id, *_ids(tok, d.text), sep_id]
+        assert reopened.tokens(i).tolist() == expected
+        assert reopened.text_tokens(i).tolist() == _ids(tok, d.text)
+        assert (reopened.title(i), reopened.doc_id(i)) == (d.title, d.id)
+        assert reopened.index_of(d.id) == i
+    assert reopened.tokens(-1).tolist() == reopened.tokens(len(DOCS) - 1).tolist()
+    assert reopened.tokens(0).dtype == np.int32
+
+    meta = reopened.meta
+    assert (meta["count"], meta["max_len"], meta["vocab_size"]) == (len(DOCS), 288, len(tok))
+    assert meta["num_tokens"] == sum(len(reopened.tokens(i)) for i in range(len(DOCS)))
+    assert meta["tokenizer"] == tok.name_or_path
+
+
+def test_files_are_plain_npy_arrays(store):
+    # The streamed writer must produce what np.save would: readable without mmap, offsets cutting tokens exactly.
+    tokens = np.load(store.path / "tokens.npy")
+    offsets = np.load(store.path / "offsets.npy")
+    assert offsets.dtype == np.int64 and offsets[0] == 0 and offsets[-1] == len(tokens)
+    assert np.all(np.diff(offsets) >= 3)
+    assert np.array_equal(tokens, np.concatenate([store.tokens(i) for i in range(len(store))]))
+
+
+def test_chunking_does_not_change_the_store(store, tok, tmp_path):
+    whole = BlockStore.build(DOCS, tok, tmp_path / "whole", batch_size=1024)
+    for name in ("tokens", "offsets", "title_len", "titles", "titles_offsets", "doc_ids", "doc_ids_offsets"):
+        assert np.array_equal(np.load(whole.path / f"{name}.npy"), np.load(store.path / f"{name}.npy")), name
+
+
+def test_truncation_keeps_cls_title_and_final_sep(tok, tmp_path):
+    long_text = " ".join(["the quick brown fox jumps over the lazy dog"] * 20)
+    long_title = " ".join(["alpha beta gamma"] * 10)
+    docs = [Doc(id="long", title="River", text=long_text), Doc(id="title", title=long_title, text="hello world")]
+    s = BlockStore.build(docs, tok, tmp_path / "short", max_len=16)
+
+    block = s.tokens(0).tolist()
+    title = _ids(tok, "River")
+    assert len(block) == 16
+    assert block[0] == tok.cls_token_id and block[-1] == tok.sep_token_id
+    assert block[1:1 + len(title)] == title and block[1 + len(title)] == tok.sep_token_id
+    assert s.text_tokens(0).tolist() == _ids(tok, long_text)[:16 - 3 - len(title)]
+
+    # A title that alone overflows is cut to fit; the text gets no room but the block stays well formed.
+    block = s.tokens(1).tolist()
+    assert block == [tok.cls_token_id, *_ids(tok, long_title)[:13], tok.sep_token_id, tok.sep_token_id]
+    assert s.text_tokens(1).tolist() == []
+
+
+def test_batch_pads_to_longest_with_masks(store):
+    picks = [2, 0, -1, 1]
+    lens = [len(store.tokens(i)) for i in picks]
+    b = store.batch(picks, pad_id=-7, token_type_ids=True)
+    ids, mask, types = b["input_ids"], b["attention_mask"], b["token_type_ids"]
+    assert ids.dtype == mask.dtype == types.dtype == torch.long
+    assert ids.shape == mask.shape == types.shape == (4, max(lens))
+    for row, (i, n) in enumerate(zip(picks, lens)):
+        assert ids[row, :n].tolist() == store.tokens(i).tolist()
+        assert (ids[row, n:] == -7).all()
+        assert mask[row].tolist() == [1] * n + [0] * (ids.shape[1] - n)
+        # Segment 1 is exactly `text [SEP]`: the block's tail after the title's [SEP].
+        n_text = len(store.text_tokens(i)) + 1
+        assert types[row].tolist() == [0] * (n - n_text) + [1] * n_text + [0] * (ids.shape[1] - n)
+
+    plain = store.batch(torch.tensor([1, 1]))
+    assert set(plain) == {"input_ids", "attention_mask"}
+    assert plain["attention_mask"].all() and plain["input_ids"].shape == (2, lens[-1])
+
+
+def test_batch_edge_cases(store):
+    empty = store.batch([])
+    assert empty["input_ids"].shape == (0, 0)
+    with pytest.raises(IndexError):
+        store.batch([0, len(store)])
+    with pytest.raises(IndexError):
+        store.tokens(len(store))
+    with pytest.raises(KeyError):
+        store.index_of("no-such-doc")
+
+
+def test_rebuild_replaces_and_failed_build_keeps_old_store(tok, tmp_path):
+    out = tmp_path / "store"
+    BlockStore.build(DOCS[:2], tok, out)
+    BlockStore.build(DOCS, tok, out)
+    assert len(BlockStore.open(out)) == len(DOCS)
+
+    with pytest.raises(ValueError, match="duplicate doc id 'd0'"):
+        BlockStore.build(DOCS + [DOCS[0]], tok, out)
+    assert len(BlockStore.open(out)) == len(DOCS)
+    assert os.listdir(tmp_path) == ["store"]
+
+
+def test_open_missing_store_is_one_line(tmp_path):
+    with pytest.raises(FileNotFoundError) as info:
+        BlockStore.open(tmp_path / "nothing")
+    assert str(tmp_path / "nothing") in str(info.value) and "\n" not in str(info.value)
