@@ -1,0 +1,325 @@
+"""Benchmark kernels.ip_topk and kernels.marginal_logsumexp against baselines measured in the same run.
+
+ip_topk (exact top-k, D=128) vs a plain torch matmul + topk (chunked over N so it fits) and faiss IndexFlatIP
+(GpuIndexFlatIP on a GPU when faiss has it), over B in {1, 8, 64, 512, 4096}; marginal_logsumexp forward +
+backward vs the naive torch formula. Reports p20/p50/p80 ms, QPS, achieved GB/s (bytes that must be read or
+written once), recall@k against our exact result, and speedup = baseline p50 / ours p50; the device's copy
+bandwidth is measured in the same run as the roofline to read GB/s against. Writes bench_kernels.json,
+appends bench_kernels.csv (device, git sha, time on every row) and plots QPS vs B to bench_kernels_qps.png.
+
+    python bench/bench_kernels.py --quick --out runs/bench        # CPU: torch + faiss, < 1 min
+    REALM_HPC_KERNELS=triton python bench/bench_kernels.py ...    # CPU: add the Triton kernel (interpreter; slow)
+    python bench/bench_kernels.py --n 1000000 13350000 --out ...  # GPU
+
+Timing: triton.testing.do_bench quantiles on GPU; time.perf_counter repeats on CPU. Not a test: no asserts.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import datetime as dt
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+# ------------------------------------------------------------------------------------------------ timing / io
+
+def quantiles_ms(fn, device: torch.device, repeats: int) -> list[float]:
+    """[p20, p50, p80] in ms."""
+    if device.type == "cuda":
+        import triton.testing
+
+        return list(triton.testing.do_bench(fn, warmup=25, rep=200, quantiles=[0.2, 0.5, 0.8]))
+    fn()  # warm-up: allocator, faiss/OpenMP thread start, lazy imports
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - t) * 1e3)
+    return [float(x) for x in np.percentile(times, [20, 50, 80])]
+
+
+def copy_bandwidth_gbs(device: torch.device, repeats: int, nbytes: int) -> float:
+    """Device-to-device copy (read + write), the practical ceiling for a bandwidth-bound kernel."""
+    src = torch.empty(nbytes // 4, dtype=torch.float32, device=device).fill_(1.0)
+    dst = torch.empty_like(src)
+    p20, p50, p80 = quantiles_ms(lambda: dst.copy_(src), device, repeats)
+    return 2 * nbytes / (p50 * 1e-3) / 1e9
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"{platform.processor() or platform.machine()} ({torch.get_num_threads()} threads)"
+
+
+def git_sha() -> str:
+    try:
+        sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True,
+                             check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain"], cwd=ROOT, capture_output=True, text=True).stdout
+        return sha + ("-dirty" if dirty.strip() else "")
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def write_atomic(path: Path, data: bytes) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+# ---------------------------------------------------------------------------------------------- ip_topk methods
+
+def torch_mm_topk(q: torch.Tensor, x: torch.Tensor, k: int, max_elems: int):
+    """The obvious baseline: matmul + topk, chunked over N so the score block stays under max_elems."""
+    chunk = max(k, max_elems // q.shape[0])
+    best_s = best_i = None
+    for start in range(0, x.shape[0], chunk):
+        s, i = (q @ x[start:start + chunk].T).float().topk(min(k, x.shape[0] - start), dim=1)
+        i += start
+        if best_s is not None:
+            s, j = torch.cat([best_s, s], 1).topk(k, dim=1)
+            i = torch.cat([best_i, i], 1).gather(1, j)
+        best_s, best_i = s, i
+    return best_s, best_i
+
+
+class FaissFlat:
+    """faiss exact inner-product search; GpuIndexFlatIP when the GPU build is installed. Stores float32."""
+
+    def __init__(self, x: torch.Tensor):
+        import faiss
+
+        self.faiss = faiss
+        xf = x.float()
+        d = x.shape[1]
+        self.gpu = x.is_cuda and hasattr(faiss, "GpuIndexFlatIP") and faiss.get_num_gpus() > 0
+        if self.gpu:
+            import faiss.contrib.torch_utils  # noqa: F401  (lets search take/return torch CUDA tensors)
+
+            self.res = faiss.StandardGpuResources()
+            self.index = faiss.GpuIndexFlatIP(self.res, d)
+            self.index.add(xf)
+        else:
+            self.index = faiss.IndexFlatIP(d)
+            self.index.add(np.ascontiguousarray(xf.cpu().numpy()))
+        self.name = "faiss_gpu_flat_ip" if self.gpu else "faiss_flat_ip"
+
+    def __call__(self, q: torch.Tensor, k: int):
+        if self.gpu:
+            return self.index.search(q.float(), k)
+        s, i = self.index.search(np.ascontiguousarray(q.float().cpu().numpy()), k)
+        return torch.from_numpy(s), torch.from_numpy(i)
+
+
+def recall(ids: torch.Tensor, exact: torch.Tensor) -> float:
+    ids, exact = ids.cpu().long(), exact.cpu().long()
+    hits = (ids[:, :, None] == exact[:, None, :]).any(-1).float().sum()
+    return float(hits / exact.numel())
+
+
+def bench_ip_topk(args, device, use_triton: bool, copy_gbs: float) -> list[dict]:
+    import kernels
+
+    rows = []
+    gen = torch.Generator(device="cpu").manual_seed(0)
+    for n in args.n:
+        x32 = torch.randn(n, args.d, generator=gen).to(device)
+        x32 /= x32.norm(dim=1, keepdim=True)
+        faiss_index = None
+        if not args.no_faiss:
+            try:
+                faiss_index = FaissFlat(x32)
+            except ImportError:
+                print("faiss not installed: skipping its baseline", file=sys.stderr)
+        for dname in args.dtypes:
+            dtype = DTYPES[dname]
+            x = x32.to(dtype)
+            esize = x.element_size()
+            for b in args.b:
+                q = torch.randn(b, args.d, generator=gen).to(device=device, dtype=dtype)
+                backend = "triton" if use_triton else "torch"
+                os.environ["REALM_HPC_KERNELS"] = backend
+                ours_name = f"kernels.ip_topk[{backend}]"
+                exact_ids = kernels.ip_topk(q, x, args.k)[1]
+                methods = {ours_name: lambda: kernels.ip_topk(q, x, args.k)}
+                methods["torch_mm_topk"] = lambda: torch_mm_topk(q, x, args.k, args.max_score_elems)
+                if faiss_index is not None:
+                    methods[faiss_index.name] = lambda: faiss_index(q, args.k)
+                nbytes = n * args.d * esize + b * args.d * esize + b * args.k * 12
+                measured = {}
+                for name, fn in methods.items():
+                    p = quantiles_ms(fn, device, args.repeats)
+                    measured[name] = p
+                    rows.append(dict(
+                        bench="ip_topk", method=name, dtype=dname + ("(as fp32)" if name.startswith("faiss") else ""),
+                        B=b, N=n, D=args.d, k=args.k, p20_ms=p[0], p50_ms=p[1], p80_ms=p[2],
+                        qps=b / (p[1] * 1e-3), gbs=nbytes / (p[1] * 1e-3) / 1e9,
+                        frac_copy_bw=nbytes / (p[1] * 1e-3) / 1e9 / copy_gbs,
+                        recall=recall(fn()[1], exact_ids)))
+                for row in rows[-len(methods):]:
+                    row["speedup_vs_" + "torch_mm_topk"] = measured["torch_mm_topk"][1] / row["p50_ms"]
+                    if faiss_index is not None:
+                        row["speedup_vs_" + "faiss"] = measured[faiss_index.name][1] / row["p50_ms"]
+                print(_fmt(rows[-len(methods):]), flush=True)
+        del x32, faiss_index
+    return rows
+
+
+# ---------------------------------------------------------------------------------- marginal_logsumexp methods
+
+def naive_marginal(r, l):
+    r, l = r.float(), l.float()
+    return torch.logsumexp(r + l, -1) - torch.logsumexp(r, -1)
+
+
+def bench_marginal(args, device, use_triton: bool, copy_gbs: float) -> list[dict]:
+    import kernels
+
+    rows = []
+    backend = "triton" if use_triton else "torch"
+    os.environ["REALM_HPC_KERNELS"] = backend
+    for b in args.mlse_b:
+        for kdocs in args.mlse_k:
+            for dname in args.dtypes:
+                dtype = DTYPES[dname]
+                r = torch.randn(b, kdocs, device=device).to(dtype).requires_grad_()
+                l = (-torch.rand(b, kdocs, device=device) * 5).to(dtype).requires_grad_()
+
+                def fwd_bwd(fn):
+                    r.grad = l.grad = None
+                    fn(r, l).sum().backward()
+
+                methods = {f"kernels.marginal_logsumexp[{backend}]": lambda: fwd_bwd(kernels.marginal_logsumexp),
+                           "torch_naive": lambda: fwd_bwd(naive_marginal)}
+                nbytes = 4 * b * kdocs * r.element_size()  # read r, l (twice: fwd, bwd), write dr, dl: >= 4 passes
+                measured = {}
+                for name, fn in methods.items():
+                    p = quantiles_ms(fn, device, args.repeats)
+                    measured[name] = p
+                    rows.append(dict(bench="marginal_logsumexp", method=name, dtype=dname, B=b, N=kdocs, D=None,
+                                     k=None, p20_ms=p[0], p50_ms=p[1], p80_ms=p[2], qps=b / (p[1] * 1e-3),
+                                     gbs=nbytes / (p[1] * 1e-3) / 1e9,
+                                     frac_copy_bw=nbytes / (p[1] * 1e-3) / 1e9 / copy_gbs, recall=None))
+                for row in rows[-2:]:
+                    row["speedup_vs_torch_naive"] = measured["torch_naive"][1] / row["p50_ms"]
+                print(_fmt(rows[-2:]), flush=True)
+    return rows
+
+
+# ------------------------------------------------------------------------------------------------------ output
+
+def _fmt(rows: list[dict]) -> str:
+    out = []
+    for r in rows:
+        sp = " ".join(f"{k[11:]}={v:.2f}x" for k, v in r.items() if k.startswith("speedup_vs_"))
+        rec = "" if r.get("recall") is None else f" recall={r['recall']:.3f}"
+        out.append(f"{r['bench']:<18} {r['method']:<34} {r['dtype']:<10} B={r['B']:<5} N={r['N']:<9} "
+                   f"p50={r['p50_ms']:9.3f}ms [{r['p20_ms']:.3f}, {r['p80_ms']:.3f}] qps={r['qps']:12.1f} "
+                   f"GB/s={r['gbs']:7.2f}{rec} {sp}")
+    return "\n".join(out)
+
+
+def plot(rows: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    topk = [r for r in rows if r["bench"] == "ip_topk"]
+    if not topk:
+        return
+    fig, ax = plt.subplots(figsize=(8, 5))
+    series = sorted({(r["method"], r["dtype"], r["N"]) for r in topk})
+    for method, dtype, n in series:
+        pts = sorted((r["B"], r["qps"]) for r in topk if (r["method"], r["dtype"], r["N"]) == (method, dtype, n))
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=f"{method} {dtype} N={n:,}")
+    ax.set(xscale="log", yscale="log", xlabel="queries per call (B)", ylabel="queries / s",
+           title=f"exact top-k, D={topk[0]['D']}, k={topk[0]['k']}")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    tmp = path.with_suffix(".tmp.png")
+    fig.savefig(tmp, dpi=120)
+    plt.close(fig)
+    os.replace(tmp, path)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", type=Path, default=ROOT / "runs" / "bench")
+    ap.add_argument("--quick", action="store_true", help="small sizes, few repeats (CPU smoke run)")
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--n", type=int, nargs="+", help="index sizes (default 200k CPU, 1M and 13.35M GPU)")
+    ap.add_argument("--b", type=int, nargs="+", default=[1, 8, 64, 512, 4096])
+    ap.add_argument("--d", type=int, default=128)
+    ap.add_argument("--k", type=int, default=8)
+    ap.add_argument("--dtypes", nargs="+", default=list(DTYPES), choices=list(DTYPES))
+    ap.add_argument("--repeats", type=int, help="CPU timing repeats (default 5, quick 3)")
+    ap.add_argument("--max-score-elems", type=int, default=1 << 26, help="torch baseline: score block bound")
+    ap.add_argument("--mlse-b", type=int, nargs="+", default=[64, 1024, 16384])
+    ap.add_argument("--mlse-k", type=int, nargs="+", default=[9, 65, 257])
+    ap.add_argument("--no-faiss", action="store_true")
+    args = ap.parse_args(argv)
+
+    device = torch.device(args.device)
+    want_triton = os.environ.get("REALM_HPC_KERNELS", "auto") == "triton"
+    if device.type == "cpu" and want_triton:
+        os.environ.setdefault("TRITON_INTERPRET", "1")  # must precede the first import of a Triton kernel
+    use_triton = device.type == "cuda" or want_triton
+    if args.n is None:
+        args.n = [20_011] if args.quick else [200_003] if device.type == "cpu" else [1_000_000, 13_350_000]
+    if args.quick:
+        args.repeats = args.repeats or 3
+        args.mlse_b, args.mlse_k = [64, 1024], [9, 257]
+        if want_triton and device.type == "cpu":  # the interpreter runs a few ops per ms
+            args.n, args.b, args.mlse_b = [2_000], [1, 8], [64]
+    args.repeats = args.repeats or 5
+
+    args.out.mkdir(parents=True, exist_ok=True)
+    copy_gbs = copy_bandwidth_gbs(device, args.repeats, 1 << 30 if device.type == "cuda" else 1 << 27)
+    meta = dict(device=device_name(device), device_type=device.type, git_sha=git_sha(),
+                time=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), torch=torch.__version__,
+                copy_gbs=copy_gbs, argv=sys.argv[1:] if argv is None else argv)
+    print(f"{meta['device']}  sha {meta['git_sha']}  device copy bandwidth {copy_gbs:.1f} GB/s", flush=True)
+
+    t0 = time.perf_counter()
+    rows = bench_ip_topk(args, device, use_triton, copy_gbs) + bench_marginal(args, device, use_triton, copy_gbs)
+    meta["wall_s"] = time.perf_counter() - t0
+
+    write_atomic(args.out / "bench_kernels.json", json.dumps(dict(meta=meta, rows=rows), indent=1).encode())
+    csv_path = args.out / "bench_kernels.csv"
+    fields = ["time", "device", "git_sha"] + sorted({k for r in rows for k in r}, key=lambda k: (k not in rows[0], k))
+    new = not csv_path.exists()
+    with open(csv_path, "a", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=fields, extrasaction="ignore")
+        if new:
+            w.writeheader()
+        for r in rows:
+            w.writerow({"time": meta["time"], "device": meta["device"], "git_sha": meta["git_sha"], **r})
+    plot(rows, args.out / "bench_kernels_qps.png")
+    print(f"wrote {args.out}/bench_kernels.{{json,csv}} and bench_kernels_qps.png in {meta['wall_s']:.1f}s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

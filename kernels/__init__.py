@@ -1,0 +1,31 @@
+"""Retrieval kernels for realm-hpc: exact inner-product top-k and the marginal log-sum-exp loss.
+
+The two functions below are the only entry points; each picks Triton or the torch reference at call time
+(see kernels.dispatch, env REALM_HPC_KERNELS). This package imports nothing from realm_hpc.
+Layout (Liger-Kernel style, one kernel per file): ip_topk.py and marginal_lse.py hold @triton.jit kernels,
+launchers and autograd glue; reference.py the torch definitions; aot.py the compile-for-GPU check.
+"""
+
+import sys
+import types
+
+from kernels.dispatch import ip_topk, marginal_logsumexp
+
+__all__ = ["ip_topk", "marginal_logsumexp"]
+
+
+class _Package(types.ModuleType):
+    """Keeps ``kernels.ip_topk`` the public function once the submodule kernels/ip_topk.py is imported.
+
+    Importing a submodule rebinds the parent's attribute of the same name to the module; without this guard
+    the first Triton call would silently turn ``kernels.ip_topk`` into a module. Reach kernel modules with
+    importlib.import_module("kernels.ip_topk").
+    """
+
+    def __setattr__(self, name, value):
+        if name in __all__ and isinstance(value, types.ModuleType):
+            return
+        super().__setattr__(name, value)
+
+
+sys.modules[__name__].__class__ = _Package
