@@ -84,6 +84,9 @@ class TrainConfig:
     batch_size: int = 16
     reader_warmup_steps: int = 100  # first steps: the reader alone (retriever frozen) on the top docs
     reader_warmup_k: int = 1  # docs the reader sees during warm-up (1 = the top-1 retrieved doc)
+    # During the warm-up only, the source block may be retrieved: its copy of the masked sentence teaches the
+    # reader to copy from documents at all. REALM's trivial-retrieval exclusion holds for every later step.
+    warmup_allow_source: bool = True
     retriever_freeze_steps: int = 0  # REALM steps with the retriever frozen after the warm-up
     seed: int = 0
     log_every: int = 10

@@ -10,6 +10,8 @@ def demo() -> Config:
     cfg = Config(recipe="demo")
     cfg.model.copy_head = True
     cfg.model.pooling = "mean"
+    cfg.data.world_alias_rate, cfg.data.world_surnames = 0.5, 150
+    cfg.train.steps, cfg.train.eval_every = 500, 100
     cfg.refresh.mode = "mpi"
     cfg.eval.closed_book_baseline = True
     return cfg

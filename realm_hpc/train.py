@@ -151,19 +151,23 @@ class Pretrainer:
                      else InlineRefresher(data.blocks, cfg.refresh.every, cfg.refresh.batch_size))
         bar = tqdm(range(state.step, cfg.train.steps), desc="realm", leave=False, initial=state.step,
                    total=cfg.train.steps)
-        window = []
+        window, window_wait = [], 0.0
         try:
             for step in bar:
+                row = {}
                 event = refresher.step_boundary(step, model.retriever.doc, live)
                 if event.swapped:
                     state.index_versions += 1
                     state.refresh_steps.append(step)
                     self.log.mark_event(self._global_step(), "refresh")
+                    row.update(refresh_encode_s=event.encode_s, refresh_docs_per_s=event.docs_per_s)
                 state.trainer_wait_s += event.wait_s
+                window_wait += event.wait_s
                 warm = step < cfg.train.reader_warmup_steps
                 train_retriever = step >= cfg.train.reader_warmup_steps + cfg.train.retriever_freeze_steps
                 batch = data.train_batch(step, cfg.train.batch_size, cfg.train.seed)
-                out = model(batch, data, live, cfg.train.reader_warmup_k if warm else k, train_retriever)
+                out = model(batch, data, live, cfg.train.reader_warmup_k if warm else k, train_retriever,
+                            exclude_source=False if warm and cfg.train.warmup_allow_source else None)
                 loss = -out.log_marginal.mean()
                 if not math.isfinite(loss.item()):
                     raise TrainingError(f"loss is {loss.item()} at step {step} (lower optim.lr or check the data)")
@@ -177,16 +181,16 @@ class Pretrainer:
                 state.max_staleness = max(state.max_staleness, staleness)
                 window.append(loss.item())
                 bar.set_postfix(loss=f"{loss.item():.3f}", v=live.version, stale=staleness)
-                row = {}
                 if state.step % cfg.train.log_every == 0:
-                    row.update(loss=sum(window) / len(window), lr=sched.get_last_lr()[0], index_version=live.version,
-                               staleness=staleness, wait_s=event.wait_s, refresh_docs_per_s=event.docs_per_s)
-                    window = []
+                    # wait_s: seconds the loop spent on the index since the last row (mpi: ~0; inline: re-encodes)
+                    row.update(loss=sum(window) / len(window), lr=sched.get_last_lr()[0], wait_s=window_wait)
+                    window, window_wait = [], 0.0
                 if state.step % cfg.train.eval_every == 0 or state.step == cfg.train.steps:
                     row.update(recall_at_k=recall_at_k(model, data, live, k),
                                mlm_acc=mlm_accuracy(model, data, live, k, cfg.eval.batch_size))
                 if row:
-                    self.log.log(self._global_step(), phase="warmup" if warm else "realm", **row)
+                    self.log.log(self._global_step(), phase="warmup" if warm else "realm", index_version=live.version,
+                                 staleness=staleness, **row)
                 if state.step % cfg.train.checkpoint_every == 0 and state.step < cfg.train.steps:
                     self.checkpoint(live, opt, sched)
         finally:

@@ -42,14 +42,17 @@ class Realm(nn.Module):
         return q @ self.retriever.doc(ids, torch.ones_like(ids)).squeeze(0)
 
     def forward(self, batch: Batch, data: PretrainData, index: LiveIndex | None, k: int,
-                train_retriever: bool = True) -> RealmOutput:
+                train_retriever: bool = True, exclude_source: bool | None = None) -> RealmOutput:
+        """exclude_source: None = the config's trivial-retrieval exclusion (always on outside the reader warm-up)."""
         B = batch.query_ids.size(0)
         use_retrieval = self.cfg.retrieval.enabled and index is not None and k > 0
         with torch.set_grad_enabled(train_retriever and torch.is_grad_enabled()):
             q = self.retriever.query(batch.query_ids, batch.query_mask)
             parts_scores, parts_ids = [], []
             if use_retrieval:
-                exclude = batch.source if self.cfg.retrieval.exclude_source else None
+                if exclude_source is None:
+                    exclude_source = self.cfg.retrieval.exclude_source
+                exclude = batch.source if exclude_source else None
                 stale_scores, ids = index.search(q, k, exclude)
                 if train_retriever:
                     docs = data.blocks.batch(ids.flatten().tolist())
