@@ -6,3 +6,6 @@ os.environ.setdefault("TRITON_INTERPRET", "1")
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# One intra-op thread: on 2 cores, torch's default of 2 threads collapses (10-40x slower steps) as soon as any other
+# process holds a core, and the MPI tests run a trainer and a refresher side by side. Subprocesses inherit it.
+os.environ.setdefault("OMP_NUM_THREADS", "1")

@@ -64,7 +64,11 @@ class World:
         return where
 
     def training_sentences(self) -> list[Sentence]:
-        return [s for s in self.sentences if not any(f in self.heldout for f, _, _ in s.facts)]
+        # Two people can share an alias and a value, so another fact's sentence can read word for word like a
+        # held-out statement: drop those too, or a closed-book reader could learn the held-out answer.
+        stating = {s.text for s in self.sentences if any(f in self.heldout for f, _, _ in s.facts)}
+        return [s for s in self.sentences
+                if s.text not in stating and not any(f in self.heldout for f, _, _ in s.facts)]
 
     def eval_examples(self, limit: int, seed: int = 0) -> list["HeldOut"]:
         """One example per (held-out fact, stating sentence): the value span masked, the other doc(s) gold."""

@@ -1,0 +1,166 @@
+from dataclasses import replace
+
+import numpy as np
+import pytest
+import torch
+
+from realm_hpc.config import apply_overrides
+from realm_hpc.data.examples import PretrainData
+from realm_hpc.models.realm import Realm
+from realm_hpc.recipes import get_recipe
+from realm_hpc.retrieval.index import IndexSnapshot, LiveIndex
+from realm_hpc.train import fresh_index
+
+K = 3
+SMALL = ["data.world_people=40", "data.world_orgs=8", "data.world_cities=6", "data.world_surnames=8",
+         "data.heldout_facts=10", "data.eval_examples=10", "model.vocab_size=300", "model.hidden=32",
+         "model.intermediate=64", "model.layers=1", "model.proj_dim=16", "model.block_len=64",
+         "model.query_len=32", "model.reader_len=96"]
+
+
+@pytest.fixture(scope="module")
+def cfg():
+    return apply_overrides(get_recipe("tiny"), SMALL)
+
+
+@pytest.fixture(scope="module")
+def data(cfg, tmp_path_factory):
+    return PretrainData(cfg, tmp_path_factory.mktemp("run"))
+
+
+@pytest.fixture
+def model(cfg, data):
+    torch.manual_seed(0)
+    return Realm(cfg, data.vocab_size)
+
+
+def _batch_with_distinct_sources(data, size=4):
+    for step in range(50):
+        batch = data.train_batch(step, size, seed=0)
+        if len(set(batch.source.tolist())) == size:
+            return batch
+    raise AssertionError("no batch with distinct source blocks in 50 steps")
+
+
+def test_forward_returns_k_docs_plus_the_null_doc_last(cfg, data, model):
+    batch = _batch_with_distinct_sources(data)
+    live = fresh_index(model, data, cfg, 1, 0)
+    out = model(batch, data, live, K, train_retriever=True)
+    B = batch.query_ids.size(0)
+    assert out.doc_ids.shape == (B, K + 1) and out.scores.shape == (B, K + 1)
+    assert out.reader_logprob.shape == (B, K + 1) and out.log_marginal.shape == (B,)
+    assert (out.doc_ids[:, -1] == -1).all()
+    assert (out.doc_ids[:, :-1] >= 0).all()
+    assert all(len(set(row)) == K for row in out.doc_ids[:, :-1].tolist())
+    assert torch.isfinite(out.log_marginal).all() and (out.log_marginal <= 0).all()
+    # The marginal is log sum_z p(z|x) p(y|z,x) over exactly these docs.
+    expected = torch.logsumexp(torch.log_softmax(out.scores.float(), 1) + out.reader_logprob, 1)
+    torch.testing.assert_close(out.log_marginal, expected, atol=1e-5, rtol=1e-5)
+
+    # The reader sees [CLS] x [SEP] z: block z's tokens after the query; the null doc adds nothing but [SEP].
+    inp = out.reader_inputs
+    ids = inp["input_ids"].view(B, K + 1, -1)
+    for b in range(B):
+        head = [data.cls_id, *batch.x_tokens[b].tolist(), data.sep_id]
+        for j, d in enumerate(out.doc_ids[b].tolist()):
+            row = [t for t in ids[b, j].tolist() if t != data.pad_id]
+            assert row[:len(head)] == head
+            if d < 0:
+                assert row[len(head):] == [data.sep_id]
+            else:
+                block = data.blocks.tokens(d)[1:].tolist()
+                assert row[len(head):] == block[:len(row) - len(head)]
+    assert not inp["doc_mask"].view(B, K + 1, -1)[:, -1].any()
+
+
+def test_source_block_is_never_retrieved_even_when_it_is_the_best_match(cfg, data, model):
+    model.eval()
+    batch = _batch_with_distinct_sources(data)
+    with torch.no_grad():
+        q = model.retriever.query(batch.query_ids, batch.query_mask)
+    gen = torch.Generator().manual_seed(0)
+    emb = 0.01 * torch.randn(len(data.blocks), cfg.model.proj_dim, generator=gen)
+    # Each query's own source block is its best match. Untrained queries point almost the same way, so the rows are
+    # normalised: with 10 * q a long query's row would be every query's best match.
+    emb[batch.source] = 10 * q / q.norm(dim=1, keepdim=True)
+    live = LiveIndex(IndexSnapshot(emb, 1, 0))
+    with torch.no_grad():
+        # Without the exclusion the source comes first: the set-up is not vacuous.
+        allowed = model(batch, data, live, K, train_retriever=False, exclude_source=False)
+        assert allowed.doc_ids[:, 0].tolist() == batch.source.tolist()
+        for train_retriever in (False, True):
+            out = model(batch, data, live, K, train_retriever=train_retriever)
+            for b, row in enumerate(out.doc_ids.tolist()):
+                assert batch.source[b].item() not in row
+                assert len(row) == K + 1 and row[-1] == -1
+                assert all(d >= 0 for d in row[:-1]) and len(set(row[:-1])) == K
+                # The K docs are the best K of the others, in order.
+                others = emb @ q[b]
+                others[batch.source[b]] = -float("inf")
+                assert row[:-1] == torch.topk(others, K).indices.tolist()
+        stale = model(batch, data, live, K, train_retriever=False)
+    # With the retriever frozen the scores are the stale index's inner products.
+    expected = torch.einsum("bp,bkp->bk", q, emb[stale.doc_ids[:, :-1]])
+    torch.testing.assert_close(stale.scores[:, :-1], expected, atol=1e-4, rtol=1e-5)
+
+
+def _grad_norm(module: torch.nn.Module) -> float:
+    return sum(float(p.grad.abs().sum()) for p in module.parameters() if p.grad is not None)
+
+
+def test_gradients_reach_reader_and_both_encoders_when_training_the_retriever(cfg, data, model):
+    model.train()
+    batch = _batch_with_distinct_sources(data)
+    live = fresh_index(model, data, cfg, 1, 0)
+    loss = -model(batch, data, live, K, train_retriever=True).log_marginal.mean()
+    loss.backward()
+    assert _grad_norm(model.reader) > 0
+    assert _grad_norm(model.retriever.query) > 0
+    assert _grad_norm(model.retriever.doc) > 0
+
+
+def test_frozen_retriever_gets_no_gradient(cfg, data, model):
+    model.train()
+    batch = _batch_with_distinct_sources(data)
+    live = fresh_index(model, data, cfg, 1, 0)
+    loss = -model(batch, data, live, K, train_retriever=False).log_marginal.mean()
+    loss.backward()
+    assert _grad_norm(model.reader) > 0
+    assert all(p.grad is None for p in model.retriever.parameters())
+
+
+def test_closed_book_uses_only_the_null_doc(cfg, data):
+    cb_cfg = replace(cfg, retrieval=replace(cfg.retrieval, enabled=False))
+    torch.manual_seed(0)
+    model = Realm(cb_cfg, data.vocab_size)
+    batch = _batch_with_distinct_sources(data)
+    live = fresh_index(model, data, cb_cfg, 1, 0)
+    for index, k in ((live, K), (None, 0)):
+        out = model(batch, data, index, k, train_retriever=False)
+        assert out.doc_ids.tolist() == [[-1]] * batch.query_ids.size(0)
+        assert not out.reader_inputs["doc_mask"].any()
+        # One document: the marginal is the reader's likelihood itself.
+        torch.testing.assert_close(out.log_marginal, out.reader_logprob[:, 0], atol=1e-5, rtol=1e-5)
+    loss = -out.log_marginal.mean()
+    loss.backward()
+    assert _grad_norm(model.reader) > 0
+
+
+def test_without_null_doc_the_reader_sees_k_docs(cfg, data):
+    no_null = replace(cfg, retrieval=replace(cfg.retrieval, null_doc=False))
+    torch.manual_seed(0)
+    model = Realm(no_null, data.vocab_size)
+    batch = _batch_with_distinct_sources(data)
+    out = model(batch, data, fresh_index(model, data, no_null, 1, 0), K, train_retriever=False)
+    assert out.doc_ids.shape == (batch.query_ids.size(0), K) and (out.doc_ids >= 0).all()
+
+
+def test_predict_tokens_shape_and_range(cfg, data, model):
+    model.eval()
+    batch = _batch_with_distinct_sources(data)
+    with torch.no_grad():
+        out = model(batch, data, fresh_index(model, data, cfg, 1, 0), K, train_retriever=False)
+    pred = model.predict_tokens(out)
+    assert pred.shape == batch.targets.shape
+    assert pred.dtype == torch.int64 and int(pred.min()) >= 0 and int(pred.max()) < data.vocab_size
+    assert np.isfinite(out.log_marginal.numpy()).all()
