@@ -1,0 +1,172 @@
+"""A tiny end-to-end pretraining through the CLI, in-process, shared by every test of this module.
+
+Timing (2 cores, OMP_NUM_THREADS=1 from conftest): the whole module ~20 s. The fixture prints its wall time.
+"""
+
+import json
+import shutil
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from realm_hpc.cli import main
+from realm_hpc.metrics import read_metrics
+
+STEPS, REFRESH_EVERY, LOG_EVERY = 12, 5, 2
+ARGS = ["--steps", str(STEPS), "--set", f"refresh.every={REFRESH_EVERY}", "--set", "train.reader_warmup_steps=4",
+        "--set", f"train.log_every={LOG_EVERY}", "--set", "train.eval_every=1000",
+        "--set", "train.checkpoint_every=1000", "--set", "eval.closed_book_baseline=true"]
+
+SUMMARY_KEYS = {"recipe", "steps", "corpus_docs", "k", "recall_at_8_start", "recall_at_8_after_ict", "recall_at_8",
+                "chance_recall_at_8", "mlm_acc_retrieval", "mlm_acc_closed_book", "ict_steps", "index_versions",
+                "max_staleness_steps", "trainer_wait_s", "refresh_mode", "eval_examples", "wall_s",
+                "trainer_wait_share"}
+ROW_KEYS = {"step", "phase", "loss", "lr", "index_version", "staleness", "wait_s"}
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("e2e") / "run"
+    t0 = time.perf_counter()
+    main(["pretrain", "--recipe", "tiny", "--out", str(out), *ARGS])
+    wall = time.perf_counter() - t0
+    summary = json.loads((out / "summary.json").read_text())
+    print(f"\ntiny pretrain ({STEPS} REALM steps): {wall:.1f} s wall; recall@8 {summary['recall_at_8']:.3f} "
+          f"(start {summary['recall_at_8_start']:.3f}, after ICT {summary['recall_at_8_after_ict']:.3f}, "
+          f"chance {summary['chance_recall_at_8']:.4f}), mlm_acc {summary['mlm_acc_retrieval']:.3f}")
+    return out
+
+
+@pytest.fixture(scope="module")
+def summary(run):
+    return json.loads((run / "summary.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def index_dir(run, tmp_path_factory):
+    out = tmp_path_factory.mktemp("index") / "idx"
+    main(["build-index", "--run", str(run), "--out", str(out)])
+    return out
+
+
+def test_summary_has_the_documented_keys(summary):
+    assert set(summary) == SUMMARY_KEYS
+    assert summary["recipe"] == "tiny" and summary["steps"] == STEPS and summary["k"] == 8
+    assert summary["refresh_mode"] == "inline"
+    assert summary["eval_examples"] > 0 and summary["corpus_docs"] > summary["eval_examples"]
+    assert 0.0 <= summary["mlm_acc_retrieval"] <= 1.0 and 0.0 <= summary["mlm_acc_closed_book"] <= 1.0
+    assert 0.0 <= summary["trainer_wait_share"] <= 1.0
+    assert summary["max_staleness_steps"] <= REFRESH_EVERY
+
+
+def test_retriever_learns(summary):
+    chance = summary["chance_recall_at_8"]
+    assert 0 < chance < 0.05
+    assert summary["recall_at_8"] >= 5 * chance, summary
+    assert summary["recall_at_8"] > summary["recall_at_8_start"], summary
+
+
+def test_index_is_refreshed(summary):
+    assert summary["index_versions"] >= 2
+    # 1 + one per refresh boundary (steps 5, 10) with inline refresh.
+    assert summary["index_versions"] == 1 + (STEPS - 1) // REFRESH_EVERY
+
+
+def test_metrics_rows(run, summary):
+    rows = read_metrics(run)
+    loss_rows = [r for r in rows if "loss" in r]
+    assert len(loss_rows) == STEPS // LOG_EVERY
+    for r in loss_rows:
+        assert ROW_KEYS <= set(r), r
+        assert np.isfinite(r["loss"]) and r["lr"] > 0 and r["wait_s"] >= 0 and r["staleness"] >= 0
+        assert r["phase"] in ("warmup", "realm")
+    # The global step counts ICT steps then REALM steps.
+    assert [r["step"] for r in loss_rows] == [summary["ict_steps"] + s for s in range(LOG_EVERY, STEPS + 1, LOG_EVERY)]
+    versions = [r["index_version"] for r in rows if "index_version" in r]
+    assert versions == sorted(versions) and versions[0] == 1 and versions[-1] == summary["index_versions"]
+    refreshes = [r["step"] for r in rows if r.get("event") == "refresh"]
+    assert refreshes == [summary["ict_steps"] + s for s in range(REFRESH_EVERY, STEPS, REFRESH_EVERY)]
+    assert any(r.get("phase") == "ict" and "recall_at_k" in r for r in rows)
+
+
+def test_run_files(run):
+    assert (run / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert (run / "checkpoint" / "state.pt").is_file()
+    cfg = json.loads((run / "config.json").read_text())
+    assert cfg["train"]["steps"] == STEPS and cfg["refresh"]["every"] == REFRESH_EVERY
+
+
+def test_evaluate_reproduces_the_summary(run, summary, capsys):
+    main(["evaluate", "--run", str(run)])
+    result = json.loads((run / "eval.json").read_text())
+    assert result["recall_at_8"] == pytest.approx(summary["recall_at_8"], abs=1e-9)
+    assert result["mlm_acc_retrieval"] == pytest.approx(summary["mlm_acc_retrieval"], abs=1e-9)
+    assert result["chance_recall_at_8"] == pytest.approx(summary["chance_recall_at_8"])
+    assert result["eval_examples"] == summary["eval_examples"]
+    assert "recall_at_8" in capsys.readouterr().out
+
+
+def test_build_index_matches_the_run_doc_encoder(run, summary, index_dir):
+    from realm_hpc.cli import _load_run
+    from realm_hpc.retrieval.index import encode_blocks
+
+    meta = json.loads((index_dir / "meta.json").read_text())
+    emb = np.load(index_dir / "embeddings.npy")
+    assert emb.shape == (summary["corpus_docs"], meta["dim"]) == (meta["count"], meta["dim"])
+    assert emb.dtype == np.float32
+    cfg, data, model = _load_run(str(run))
+    expected = encode_blocks(model.retriever.doc, data.blocks, cfg.refresh.batch_size).numpy()
+    np.testing.assert_allclose(emb, expected, atol=1e-5)
+
+
+def test_retrieve_ranks_like_the_run_query_encoder(run, index_dir, capsys):
+    from realm_hpc.cli import _load_run
+
+    cfg, data, model = _load_run(str(run))
+    question = data.train.text[0]
+    capsys.readouterr()
+    main(["retrieve", "--index", str(index_dir), "--k", "5", question])
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert len(lines) == 5
+    ranks, scores, ids = [], [], []
+    for line in lines:
+        rank, score, doc_id, _title = line.split(maxsplit=3)
+        ranks.append(int(rank)), scores.append(float(score)), ids.append(doc_id)
+    assert ranks == [1, 2, 3, 4, 5] and scores == sorted(scores, reverse=True)
+    enc = data.tokenizer([question], truncation=True, max_length=cfg.model.query_len, return_tensors="pt")
+    with torch.no_grad():
+        q = model.retriever.query(enc["input_ids"], enc["attention_mask"])
+    emb = torch.from_numpy(np.load(index_dir / "embeddings.npy"))
+    top = torch.topk((emb @ q[0]), 5).indices.tolist()
+    assert ids == [data.blocks.doc_id(i) for i in top]
+
+
+def test_retrieve_refuses_a_tampered_index(index_dir, tmp_path, capsys):
+    tampered = tmp_path / "tampered"
+    shutil.copytree(index_dir, tampered)
+    emb_path = tampered / "embeddings.npy"
+    raw = bytearray(emb_path.read_bytes())
+    raw[-1] ^= 0x01  # one bit of one float
+    emb_path.write_bytes(bytes(raw))
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_:
+        main(["retrieve", "--index", str(tampered), "--k", "3", "who was born in 1890"])
+    assert exit_.value.code == 2
+    captured = capsys.readouterr()
+    assert "checksum" in captured.err and "embeddings.npy" in captured.err
+    assert captured.out == ""
+
+
+def test_cli_errors_on_bad_paths_and_k(index_dir, tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(["evaluate", "--run", str(tmp_path / "nowhere")])
+    assert exit_.value.code == 2 and "not a run directory" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_:
+        main(["retrieve", "--index", str(tmp_path), "who"])
+    assert exit_.value.code == 2 and "meta.json" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_:
+        main(["retrieve", "--index", str(index_dir), "--k", "0", "who"])
+    assert exit_.value.code == 2 and "--k" in capsys.readouterr().err
