@@ -27,8 +27,9 @@ STATE_FILE = "state.pt"
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def _fsync_dir(path: Path) -> None:
-    # Without this a power loss can forget the rename itself even though the file's bytes are on disk.
+def fsync_path(path: Path) -> None:
+    """fsync a file or a directory. On a directory it makes a rename inside it survive a power loss, even
+    though the file's bytes were already on disk."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -58,7 +59,7 @@ def atomic_write(path: str | os.PathLike, write_fn: Callable[[BinaryIO], Any]) -
         except FileNotFoundError:
             pass
         raise
-    _fsync_dir(path.parent)
+    fsync_path(path.parent)
     return path
 
 
@@ -154,7 +155,7 @@ def _recover(ckpt_dir: Path) -> None:
     found = _find_state_file(ckpt_dir)
     if found is not None and found.parent != ckpt_dir:
         os.replace(found.parent, ckpt_dir)
-        _fsync_dir(ckpt_dir.parent)
+        fsync_path(ckpt_dir.parent)
     for p in [_old_dir(ckpt_dir), *ckpt_dir.parent.glob(ckpt_dir.name + ".tmp-*")]:
         shutil.rmtree(p, ignore_errors=True)
 
@@ -176,7 +177,7 @@ def save_checkpoint(ckpt_dir: str | os.PathLike, state: dict) -> Path:
         if ckpt_dir.exists():
             os.replace(ckpt_dir, old)
         os.replace(tmp, ckpt_dir)
-        _fsync_dir(ckpt_dir.parent)
+        fsync_path(ckpt_dir.parent)
     except BaseException:
         # Only an incomplete tmp is removed; a complete one may be the newest state after step 2 and stays for
         # _find_state_file / the next save's _recover.

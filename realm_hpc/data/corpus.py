@@ -16,6 +16,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Iterable, Iterator
 
+from realm_hpc.checkpoint import fsync_path
+
 TSV_HEADER = "id\ttext\ttitle"
 
 
@@ -152,14 +154,6 @@ def read_corpus(path: str | os.PathLike) -> list[Doc]:
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def _fsync_path(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _tmp_name(target: Path, tag: str) -> Path:
     # A dot name beside the target: same file system (so rename is atomic) and hidden from globs like `*.jsonl`.
     return target.with_name(f".{target.name}.{os.getpid()}.{secrets.token_hex(4)}.{tag}")
@@ -181,7 +175,7 @@ def atomic_file(path: str | os.PathLike) -> Iterator[IO[str]]:
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
-    _fsync_path(path.parent)  # makes the rename itself survive a power loss
+    fsync_path(path.parent)  # makes the rename itself survive a power loss
 
 
 @contextlib.contextmanager
@@ -201,14 +195,14 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
         yield tmp
         for f in tmp.rglob("*"):
             if f.is_file():
-                _fsync_path(f)
-        _fsync_path(tmp)
+                fsync_path(f)
+        fsync_path(tmp)
         old = _tmp_name(path, "old")
         had_old = path.exists()
         if had_old:
             os.replace(path, old)
         os.replace(tmp, path)
-        _fsync_path(path.parent)
+        fsync_path(path.parent)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
