@@ -109,7 +109,9 @@ class MPIRefresher:
             event.swapped = True
             event.encode_s, docs = self._done_stats
             event.docs_per_s = docs / max(event.encode_s, 1e-9)
-        if not self._busy and (self.last_sent is None or step - self.last_sent >= self.every):
+        # The first snapshot counts from the weights that built the live index, so v2 is never a re-encode of v1.
+        last = self.last_sent if self.last_sent is not None else live.snapshot.weights_step
+        if not self._busy and step - last >= self.every:
             self._todo.put((live.version + 1, step, flatten_params(doc_encoder)))
             self._busy, self.last_sent, event.sent = True, step, True
         event.wait_s = time.perf_counter() - t0
