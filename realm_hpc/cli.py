@@ -25,6 +25,8 @@ def _parser() -> argparse.ArgumentParser:
     pre.add_argument("--steps", type=int, help="REALM steps (overrides train.steps)")
     pre.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config field")
     pre.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")
+    pre.add_argument("--refreshers", type=int, default=1,
+                     help="with refresh.mode=mpi: the last M MPI ranks re-encode the corpus, a shard each")
 
     ev = sub.add_parser("evaluate", help="recall@k and MLM accuracy of a run's checkpoint")
     ev.add_argument("--run", required=True)
@@ -85,11 +87,12 @@ def cmd_pretrain(args) -> None:
     if cfg.refresh.mode == "mpi":
         if not launched_by_mpi():
             raise ConfigError("refresh.mode=mpi needs an MPI launch: mpiexec -n 2 realm-hpc pretrain ...")
-        roles, comm = mpi_roles(n_refreshers=1)
-        if roles.world_size < 2:
-            raise ConfigError("refresh.mode=mpi needs at least 2 MPI ranks (1 trainer + 1 refresher)")
+        if args.refreshers < 1:
+            raise ConfigError("--refreshers must be >= 1 with refresh.mode=mpi")
+        roles, comm = mpi_roles(n_refreshers=args.refreshers)
         if roles.n_trainers != 1:
-            raise ConfigError("refresh.mode=mpi runs one trainer rank and one refresher rank: use mpiexec -n 2")
+            raise ConfigError(f"refresh.mode=mpi runs one trainer rank here: use mpiexec -n {1 + args.refreshers} "
+                              f"with --refreshers {args.refreshers} (got {roles.world_size} ranks)")
         if not roles.is_trainer:
             torch.set_num_threads(1)  # the trainer keeps the cores; the refresher is busy only between swaps
             _serve_refresher(comm, roles)

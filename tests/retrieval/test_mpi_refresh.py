@@ -28,10 +28,10 @@ def _env() -> dict:
     return env
 
 
-def _mpiexec(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
+def _mpiexec(args: list[str], cwd: Path, ranks: int = 2) -> subprocess.CompletedProcess:
     pytest.importorskip("mpi4py")
     try:
-        return subprocess.run([str(MPIEXEC), "-n", "2", *args], cwd=cwd, env=_env(), capture_output=True, text=True,
+        return subprocess.run([str(MPIEXEC), "-n", str(ranks), *args], cwd=cwd, env=_env(), capture_output=True, text=True,
                               timeout=TIMEOUT_S)
     except subprocess.TimeoutExpired as e:
         pytest.fail(f"mpiexec timed out after {TIMEOUT_S} s\nstdout:\n{e.stdout}\nstderr:\n{e.stderr}")
@@ -52,15 +52,16 @@ SCRIPT = textwrap.dedent("""
     STORE, BATCH = sys.argv[1], 8
     cfg = ModelConfig(hidden=32, layers=1, heads=2, intermediate=64, proj_dim=16, pooling="mean", block_len=64)
     comm = MPI.COMM_WORLD
-    assert comm.Get_size() == 2, comm.Get_size()
+    refreshers = list(range(1, comm.Get_size()))  # rank 0 trains, every other rank re-encodes its shard
 
     def make_encoder(run_dir):
         blocks = BlockStore.open(run_dir)
         torch.manual_seed(1)  # different initial weights from rank 0's: the message must replace them all
         return Encoder(cfg, blocks.meta["vocab_size"], cfg.block_len), blocks, BATCH
 
-    if comm.Get_rank() == 1:
-        serve_refresher(comm, trainer=0, shard_index=0, n_shards=1, make_encoder=make_encoder)
+    if comm.Get_rank() > 0:
+        serve_refresher(comm, trainer=0, shard_index=comm.Get_rank() - 1, n_shards=len(refreshers),
+                        make_encoder=make_encoder)
         sys.exit(0)
 
     blocks = BlockStore.open(STORE)
@@ -68,7 +69,7 @@ SCRIPT = textwrap.dedent("""
     encoder = Encoder(cfg, blocks.meta["vocab_size"], cfg.block_len)
     old = encode_blocks(encoder, blocks, BATCH)
     live = LiveIndex(IndexSnapshot(old, 1, 0))
-    refresher = MPIRefresher(comm, [1], len(blocks), cfg.proj_dim, every=5, run_dir=STORE)
+    refresher = MPIRefresher(comm, refreshers, len(blocks), cfg.proj_dim, every=5, run_dir=STORE)
 
     with torch.no_grad():  # "training" moved the doc encoder
         for p in encoder.parameters():
@@ -115,22 +116,26 @@ def store(tmp_path_factory):
     return root / "blocks"
 
 
-def test_mpi_refresher_swaps_in_the_index_of_the_new_weights(store, tmp_path):
+@pytest.mark.parametrize("ranks", [2, 3], ids=["1-refresher", "2-refreshers"])
+def test_mpi_refresher_swaps_in_the_index_of_the_new_weights(store, tmp_path, ranks):
+    """With M refreshers each encodes its slice once; the assembled index must equal one full local encode."""
     script = tmp_path / "refresh_pair.py"
     script.write_text(SCRIPT)
-    proc = _mpiexec([sys.executable, str(script), str(store)], cwd=tmp_path)
+    proc = _mpiexec([sys.executable, str(script), str(store)], cwd=tmp_path, ranks=ranks)
     assert proc.returncode == 0, f"stdout:\n{proc.stdout}\nstderr:\n{proc.stderr[-4000:]}"
     assert "OK" in proc.stdout, proc.stdout
 
 
-def test_cli_pretrain_with_an_mpi_refresher(tmp_path):
+@pytest.mark.parametrize("refreshers", [1, 2])
+def test_cli_pretrain_with_mpi_refreshers(tmp_path, refreshers):
     out = tmp_path / "run"
     steps = 20
     args = ["realm-hpc", "pretrain", "--recipe", "tiny", "--out", str(out), "--steps", str(steps),
+            "--refreshers", str(refreshers),
             "--set", "refresh.mode=mpi", "--set", "refresh.every=5", "--set", "ict.steps=10",
             "--set", "train.reader_warmup_steps=5", "--set", "train.log_every=1", "--set", "train.eval_every=1000",
             "--set", "train.checkpoint_every=1000"]
-    proc = _mpiexec(args, cwd=tmp_path)
+    proc = _mpiexec(args, cwd=tmp_path, ranks=1 + refreshers)
     assert proc.returncode == 0, f"stdout:\n{proc.stdout[-4000:]}\nstderr:\n{proc.stderr[-4000:]}"
 
     summary = json.loads((out / "summary.json").read_text())
