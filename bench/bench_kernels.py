@@ -21,8 +21,6 @@ import csv
 import datetime as dt
 import json
 import os
-import platform
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -34,57 +32,10 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from bench.utils import (  # noqa: E402  (after the sys.path insert: this file also runs as a script)
+    copy_bandwidth_gbs, device_name, git_sha, pyplot, quantiles_ms, save_figure, write_atomic)
+
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
-
-
-# ------------------------------------------------------------------------------------------------ timing / io
-
-def quantiles_ms(fn, device: torch.device, repeats: int) -> list[float]:
-    """[p20, p50, p80] in ms."""
-    if device.type == "cuda":
-        import triton.testing
-
-        return list(triton.testing.do_bench(fn, warmup=25, rep=200, quantiles=[0.2, 0.5, 0.8]))
-    fn()  # warm-up: allocator, faiss/OpenMP thread start, lazy imports
-    times = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - t) * 1e3)
-    return [float(x) for x in np.percentile(times, [20, 50, 80])]
-
-
-def copy_bandwidth_gbs(device: torch.device, repeats: int, nbytes: int) -> float:
-    """Device-to-device copy (read + write), the practical ceiling for a bandwidth-bound kernel."""
-    src = torch.empty(nbytes // 4, dtype=torch.float32, device=device).fill_(1.0)
-    dst = torch.empty_like(src)
-    p20, p50, p80 = quantiles_ms(lambda: dst.copy_(src), device, repeats)
-    return 2 * nbytes / (p50 * 1e-3) / 1e9
-
-
-def device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    return f"{platform.processor() or platform.machine()} ({torch.get_num_threads()} threads)"
-
-
-def git_sha() -> str:
-    try:
-        sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True,
-                             check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain"], cwd=ROOT, capture_output=True, text=True).stdout
-        return sha + ("-dirty" if dirty.strip() else "")
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-
-
-def write_atomic(path: Path, data: bytes) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 # ---------------------------------------------------------------------------------------------- ip_topk methods
@@ -240,11 +191,7 @@ def _fmt(rows: list[dict]) -> str:
 
 
 def plot(rows: list[dict], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     topk = [r for r in rows if r["bench"] == "ip_topk"]
     if not topk:
         return
@@ -258,10 +205,7 @@ def plot(rows: list[dict], path: Path) -> None:
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=7)
     fig.tight_layout()
-    tmp = path.with_suffix(".tmp.png")
-    fig.savefig(tmp, dpi=120)
-    plt.close(fig)
-    os.replace(tmp, path)
+    save_figure(fig, path)
 
 
 def main(argv=None) -> int:

@@ -39,6 +39,22 @@ def _parser() -> argparse.ArgumentParser:
     rt.add_argument("--index", required=True)
     rt.add_argument("--k", type=int, default=8)
     rt.add_argument("question")
+
+    be = sub.add_parser("bench", help="benchmarks (the checkout's bench/ scripts)")
+    bsub = be.add_subparsers(dest="bench_command", required=True)
+    br = bsub.add_parser("retrieval", help="retrieval throughput and recall: backend x B x N x D x dtype")
+    br.add_argument("--quick", action="store_true", help="the < 1 minute CPU grid (N=50k)")
+    br.add_argument("--out", help="output directory (default runs/bench/retrieval)")
+    br.add_argument("--backends", nargs="+", help="exact faiss-flat faiss-ivfpq (default: all)")
+    br.add_argument("--batch-sizes", type=int, nargs="+", metavar="B")
+    br.add_argument("--n", type=int, nargs="+", metavar="N", help="index sizes (synthetic data)")
+    br.add_argument("--dim", type=int, nargs="+", metavar="D")
+    br.add_argument("--dtype", nargs="+", help="fp32 bf16 fp16 (faiss backends: fp32 only)")
+    br.add_argument("--index", help="a saved index directory instead of synthetic vectors")
+    br.add_argument("--k", type=int)
+    br.add_argument("--nprobe", type=int, nargs="+", help="IVF-PQ settings swept for the recall-vs-QPS curve")
+    br.add_argument("--repeats", type=int, help="minimum timing rounds per cell")
+    br.add_argument("--seed", type=int)
     return p
 
 
@@ -46,7 +62,7 @@ def main(argv: list[str] | None = None) -> None:
     args = _parser().parse_args(argv)
     try:
         {"pretrain": cmd_pretrain, "evaluate": cmd_evaluate, "build-index": cmd_build_index,
-         "retrieve": cmd_retrieve}[args.command](args)
+         "retrieve": cmd_retrieve, "bench": cmd_bench}[args.command](args)
     except (ConfigError, FileNotFoundError, ValueError) as e:
         _fail(f"error: {e}", code=2)
     except RuntimeError as e:
@@ -191,6 +207,28 @@ def cmd_retrieve(args) -> None:
     for rank, (doc_id, title, score) in enumerate(index.retrieve(args.question, args.k), 1):
         print(f"{rank:>3}  {score:9.4f}  {doc_id:>10}  {title}")
     sys.stdout.flush()
+
+
+# -- bench -----------------------------------------------------------------------------------------------------------
+def cmd_bench(args) -> None:
+    bench = _bench_module(f"bench_{args.bench_command}")
+    cfg = bench.config(quick_run=args.quick, out=args.out, backends=args.backends, batch_sizes=args.batch_sizes,
+                       n=args.n, dim=args.dim, dtypes=args.dtype, index=args.index, k=args.k, nprobe=args.nprobe,
+                       min_repeats=args.repeats, seed=args.seed)
+    bench.run(cfg)
+
+
+def _bench_module(name: str):
+    """bench/ sits beside the package in the checkout (an editable install), not inside it."""
+    import importlib
+
+    root = Path(__file__).resolve().parents[1]
+    if not (root / "bench" / f"{name}.py").is_file():
+        raise FileNotFoundError(f"{root / 'bench' / name}.py: realm-hpc bench needs the source checkout "
+                                "(pip install -e .)")
+    if str(root) not in sys.path:
+        sys.path.insert(0, str(root))
+    return importlib.import_module(f"bench.{name}")
 
 
 if __name__ == "__main__":

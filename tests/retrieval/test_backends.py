@@ -1,0 +1,182 @@
+"""Every index backend returns the exact answer (flat) or the configured recall (IVF-PQ + refine), honours the
+trivial-retrieval exclusion and always returns k results.
+
+``exact`` is compared with kernels.ip_topk: id for id on integer-valued data (every score exact, so ties are real
+and must go to the lower id), and up to near-ties on float data (a different summation order may swap two scores
+within rounding of each other, as Triton vs the reference may). Its CPU search is forced down each of its paths
+(faiss per-query loop, faiss BLAS, torch slab filter; 1 to 3 shards). Small sizes: the whole file takes a few s.
+"""
+
+import pytest
+import torch
+
+import kernels
+from realm_hpc.retrieval.backends import build_backend, recall_at_k
+
+pytest.importorskip("faiss")
+
+K = 8
+
+
+def _data(n, d, integer, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    if integer:  # small integers: every dot product is exact in float32, so ties are exact and plentiful
+        return torch.randint(-2, 3, (n, d), generator=g).float()
+    return torch.nn.functional.normalize(torch.randn(n, d, generator=g), dim=1)
+
+
+def _clustered(n, d, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    centres = torch.nn.functional.normalize(torch.randn(max(1, int(n ** 0.5)), d, generator=g), dim=1)
+    x = centres[torch.randint(len(centres), (n,), generator=g)] + 0.7 / d ** 0.5 * torch.randn(n, d, generator=g)
+    return torch.nn.functional.normalize(x, dim=1)
+
+
+def _exclude(b, n, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    ex = torch.randint(n, (b,), generator=g)
+    ex[::3] = -1  # -1 = nothing excluded for that query
+    return ex
+
+
+def assert_same_topk(got, ref, q, x, exact_ids: bool):
+    (s, i), (rs, ri) = got, ref
+    assert s.dtype == torch.float32 and i.dtype == torch.int64 and i.shape == ri.shape
+    torch.testing.assert_close(s, rs, atol=1e-5, rtol=1e-5)
+    if exact_ids:
+        assert torch.equal(i, ri)
+        return
+    # where ids differ, the two docs' true scores must agree to rounding: a near-tie, not a miss
+    differ = i != ri
+    true = torch.einsum("bd,bkd->bk", q.double(), x.double()[i])
+    true_ref = torch.einsum("bd,bkd->bk", q.double(), x.double()[ri])
+    assert ((true - true_ref).abs()[differ] < 1e-5).all()
+
+
+def assert_excluded_and_full(ids, exclude, k):
+    assert ids.shape[1] == k
+    assert (ids >= 0).all()
+    if exclude is not None:
+        assert not (ids == exclude[:, None]).any()
+    assert all(len(set(row)) == k for row in ids.tolist())
+
+
+# exact: (B, build params) that drive each CPU path; D=32 so B=4000 crosses faiss's BLAS threshold (B * D >= 128000)
+PATHS = {
+    "faiss-loop-2-shards": (5, dict(threads=2, min_shard_rows=64)),
+    "faiss-blas-2-shards": (4000, dict(threads=2, min_shard_rows=64)),
+    "torch-slab-3-shards": (37, dict(threads=3, min_shard_rows=64, small_batch=1, chunk_elems=4096)),
+    "torch-slab-1-shard-b1": (1, dict(threads=1, small_batch=1, chunk_elems=4096)),
+    "reference": (7, dict(cpu_path="reference")),
+}
+
+
+@pytest.mark.parametrize("integer", [True, False], ids=["integer-ties", "float"])
+@pytest.mark.parametrize("path", list(PATHS))
+def test_exact_matches_ip_topk(path, integer):
+    n, d = 3001, 32
+    b, params = PATHS[path]
+    x = _data(n, d, integer)
+    q = _data(b, d, integer, seed=2)
+    backend = build_backend("exact", x, **params)
+    if "faiss" in path:
+        assert backend._cpu.method(b) == "faiss"
+    if "torch" in path:
+        assert backend._cpu.method(b) == "torch"
+    for k, ex in [(1, None), (K, None), (K, _exclude(b, n)), (70, _exclude(b, n))]:
+        got = backend.search(q, k, ex)
+        assert_same_topk(got, kernels.ip_topk(q, x, k, ex), q, x, exact_ids=integer)
+        assert_excluded_and_full(got[1], ex, k)
+
+
+@pytest.mark.parametrize("dtype", ["bf16", "fp16"])
+def test_exact_low_precision_matches_ip_topk(dtype):
+    x, q = _data(2000, 32, True), _data(20, 32, True, seed=2)
+    backend = build_backend("exact", x, dtype=dtype, threads=2, min_shard_rows=64, chunk_elems=4096)
+    ex = _exclude(20, 2000)
+    assert_same_topk(backend.search(q, K, ex), kernels.ip_topk(q.to(backend.dtype), backend.x, K, ex), q, x, True)
+
+
+def test_exact_leaves_caller_threads_alone():
+    before = torch.get_num_threads()
+    backend = build_backend("exact", _data(5000, 16, False), threads=2, min_shard_rows=64)
+    backend.search(_data(40, 16, False), K)
+    assert torch.get_num_threads() == before
+
+
+def test_exact_numpy_input_and_argument_errors():
+    x = _data(50, 8, False)
+    backend = build_backend("exact", x.numpy(), threads=1)
+    s, i = backend.search(x[:3].numpy(), 5, torch.tensor([0, 1, 2]).numpy())
+    assert_excluded_and_full(i, torch.tensor([0, 1, 2]), 5)
+    with pytest.raises(ValueError, match="k=51 > N=50"):
+        backend.search(x[:1], 51)
+    with pytest.raises(ValueError, match="fewer than k"):
+        backend.search(x[:1], 50, torch.tensor([3]))
+    with pytest.raises(ValueError, match=r"queries must be \[B, 8\]"):
+        backend.search(torch.zeros(2, 9), 3)
+
+
+def test_build_backend_rejects_unknown_names():
+    x = _data(10, 4, False)
+    with pytest.raises(ValueError, match="unknown backend 'hnsw'"):
+        build_backend("hnsw", x)
+    with pytest.raises(ValueError, match="faiss-ivfpq: unknown parameter 'nlists'"):
+        build_backend("faiss-ivfpq", x, nlists=4)
+
+
+@pytest.mark.parametrize("b", [1, 50])
+def test_faiss_flat_is_exact(b):
+    x, q = _data(3000, 32, False), _data(b, 32, False, seed=2)
+    backend = build_backend("faiss-flat", x)
+    ref_s, ref_i = kernels.ip_topk(q, x, K, _exclude(b, 3000))
+    s, i = backend.search(q, K, _exclude(b, 3000))
+    assert recall_at_k(i, q, x, ref_s) == 1.0
+    torch.testing.assert_close(s, ref_s, atol=1e-5, rtol=1e-5)
+    assert_excluded_and_full(i, _exclude(b, 3000), K)
+
+
+def test_faiss_flat_orders_ties_by_id():
+    x = torch.zeros(100, 4)
+    x[:, 0] = 1.0  # every row ties; which tied rows faiss keeps is its business, their order is ours
+    s, i = build_backend("faiss-flat", x).search(torch.tensor([[1.0, 0, 0, 0]]), 5, torch.tensor([1]))
+    assert (s == 1.0).all() and i[0].tolist() == sorted(i[0].tolist())
+    assert_excluded_and_full(i, torch.tensor([1]), 5)
+
+
+def test_faiss_ivfpq_reaches_configured_recall():
+    n, d, b = 4000, 32, 64
+    x = _clustered(n, d)
+    q = torch.nn.functional.normalize(x[:b] + 0.05 * torch.randn(b, d, generator=torch.Generator().manual_seed(3)),
+                                      dim=1)
+    ex = torch.arange(b)  # REALM-style: each query's source document is excluded
+    truth = kernels.ip_topk(q, x, K, ex)[0]
+    backend = build_backend("faiss-ivfpq", x)
+    assert backend.params["nlist"] <= n // 39 and d % backend.params["m"] == 0
+    s, i = backend.search(q, K, ex)
+    assert recall_at_k(i, q, x, truth) >= 0.9  # defaults
+    assert_excluded_and_full(i, ex, K)
+    assert (s[:, :-1] >= s[:, 1:]).all()
+    backend.set_search_params(nprobe=backend.params["nlist"], k_factor=32)  # scan everything, re-rank 256
+    s, i = backend.search(q, K, ex)
+    assert recall_at_k(i, q, x, truth) >= 0.99
+    assert_excluded_and_full(i, ex, K)
+
+
+def test_faiss_ivfpq_always_returns_k():
+    """One probed list of a many-list index holds fewer than k vectors: the flat re-rank index answers."""
+    x = _clustered(800, 16)
+    backend = build_backend("faiss-ivfpq", x, nlist=20, nprobe=1, k_factor=1)
+    q, ex = x[:30], torch.arange(30)
+    s, i = backend.search(q, 60, ex)
+    assert_excluded_and_full(i, ex, 60)
+    assert recall_at_k(i, q, x, kernels.ip_topk(q, x, 60, ex)[0]) > 0.5
+
+
+def test_recall_is_tie_tolerant():
+    x = torch.tensor([[1.0, 0], [1.0, 0], [0.5, 0], [0, 1.0]])  # rows 0 and 1 tie
+    q = torch.tensor([[1.0, 0]])
+    exact = torch.tensor([[1.0, 1.0]])  # top-2 scores
+    assert recall_at_k(torch.tensor([[1, 0]]), q, x, exact) == 1.0
+    assert recall_at_k(torch.tensor([[0, 2]]), q, x, exact) == 0.5  # 0.5 < the 2nd best 1.0
+    assert recall_at_k(torch.tensor([[0, 0]]), q, x, exact) == 0.5  # a doc returned twice counts once
