@@ -115,6 +115,14 @@ class Backend:
     def search(self, queries, k: int, exclude=None) -> tuple[torch.Tensor, torch.Tensor]:
         raise NotImplementedError
 
+    def _faiss_query(self, queries, k: int, exclude):
+        """(float32 queries, exclusion, how many to ask faiss for): one more than k when an id is excluded, so
+        dropping it still leaves k."""
+        q = _as_float32_numpy(queries)
+        ex = _exclude_tensor(exclude, q.shape[0] if q.ndim == 2 else 0)
+        _check_search(q.shape, self.d, self.n, k, ex)
+        return q, ex, min(self.n, k + (ex is not None))
+
     def bytes_per_query(self, b: int, k: int) -> float:
         """Bytes a search must read per query at batch size b: the index once per batch (amortised) + the query."""
         esize = torch.empty((), dtype=self.dtype).element_size()
@@ -442,10 +450,7 @@ class FaissFlatBackend(Backend):
         self.build_s = time.perf_counter() - t0
 
     def search(self, queries, k, exclude=None):
-        q = _as_float32_numpy(queries)
-        ex = _exclude_tensor(exclude, q.shape[0] if q.ndim == 2 else 0)
-        _check_search(q.shape, self.d, self.n, k, ex)
-        ask = min(self.n, k + (ex is not None))
+        q, ex, ask = self._faiss_query(queries, k, exclude)
         scores, ids = self.index.search(q, ask)
         return unpack_keys(_top_sorted(_keys_from(scores, ids, ex), k))
 
@@ -512,10 +517,7 @@ class FaissIVFPQBackend(Backend):
             self.params["k_factor"] = int(k_factor)
 
     def search(self, queries, k, exclude=None):
-        q = _as_float32_numpy(queries)
-        ex = _exclude_tensor(exclude, q.shape[0] if q.ndim == 2 else 0)
-        _check_search(q.shape, self.d, self.n, k, ex)
-        ask = min(self.n, k + (ex is not None))
+        q, ex, ask = self._faiss_query(queries, k, exclude)
         scores, ids = self.index.search(q, ask)
         keys = _top_sorted(_keys_from(scores, ids, ex), k)
         short = (keys == KEY_MIN).any(dim=1)
