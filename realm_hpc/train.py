@@ -222,10 +222,10 @@ class Pretrainer:
         final = fresh_index(model, data, cfg, live.version + 1, st.step)  # evaluate the final encoder, not a stale one
         summary = {
             "recipe": cfg.recipe, "steps": st.step, "corpus_docs": len(data.blocks), "k": k,
-            "recall_at_8_start" if k == 8 else f"recall_at_{k}_start": st.recall_at_k_start,
-            "recall_at_8_after_ict" if k == 8 else f"recall_at_{k}_after_ict": st.recall_at_k_after_ict,
-            "recall_at_8" if k == 8 else f"recall_at_{k}": recall_at_k(model, data, final, k),
-            "chance_recall_at_8" if k == 8 else f"chance_recall_at_{k}": data.chance_recall(k),
+            f"recall_at_{k}_start": st.recall_at_k_start,
+            f"recall_at_{k}_after_ict": st.recall_at_k_after_ict,
+            f"recall_at_{k}": recall_at_k(model, data, final, k),
+            f"chance_recall_at_{k}": data.chance_recall(k),
             "mlm_acc_retrieval": mlm_accuracy(model, data, final, k, cfg.eval.batch_size),
             "ict_steps": st.ict_steps,
             "index_versions": st.index_versions,

@@ -15,7 +15,8 @@ import torch
 from realm_hpc.config import Config
 from realm_hpc.data.blocks import BlockStore
 from realm_hpc.data.corpus import Doc, read_corpus, write_jsonl
-from realm_hpc.data.masking import TokenizedSentence, char_to_token_span, mask_sentence, tokenize_sentences
+from realm_hpc.data.masking import (TokenizedSentence, char_to_token_span, mask_sentence, salient_spans,
+                                    tokenize_sentences)
 from realm_hpc.data.tokenizer import load_tokenizer, train_wordpiece
 from realm_hpc.data.world import build_world
 
@@ -220,8 +221,6 @@ def _load_docs(cfg: Config):
 def _corpus_sentences(cfg: Config):
     """A plain corpus: every sentence is a candidate query; a seeded share of sentences with a salient span is
     held out for evaluation (MLM accuracy only: a plain corpus has no gold documents)."""
-    from realm_hpc.data.masking import salient_spans
-
     docs = read_corpus(cfg.data.corpus)
     rng = np.random.default_rng(cfg.data.world_seed)
     sentences, heldout = [], []
