@@ -23,9 +23,7 @@ recall_vs_qps.png, and prints one Markdown table. Not a test: no asserts.
 
 from __future__ import annotations
 
-import csv
 import dataclasses
-import io
 import json
 import math
 import sys
@@ -33,15 +31,14 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from bench.utils import (  # noqa: E402  (after the sys.path insert: this file also runs as a script)
-    PeakRSS, copy_bandwidth_gbs, pyplot, run_meta, save_figure, time_interleaved, write_atomic)
+from bench import utils  # noqa: E402  (after the sys.path insert: this file also runs as a script)
+from bench.utils import PeakRSS, copy_bandwidth_gbs, pyplot, run_meta, save_figure, time_interleaved  # noqa: E402
 from realm_hpc.retrieval.backends import ANN_BACKENDS, BACKENDS, DTYPES, build_backend, recall_at_k  # noqa: E402
 
 BASELINE = "faiss-flat"
@@ -114,8 +111,8 @@ def synthetic(n: int, d: int, seed: int, clusters: int | None = None) -> torch.T
 def load_index(path: str) -> torch.Tensor:
     from realm_hpc.retrieval.store import SavedIndex
 
-    emb = SavedIndex.open(path).embeddings  # checksum-verified, memory-mapped
-    return torch.from_numpy(np.array(emb, dtype=np.float32))  # searched from RAM, like the synthetic data
+    emb = SavedIndex.open(path).embeddings()  # checksum-verified, memory-mapped, in its stored dtype
+    return emb.to(torch.float32, copy=True)  # searched from RAM, like the synthetic data
 
 
 def make_queries(x: torch.Tensor, count: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -260,30 +257,13 @@ COLUMNS = [("backend", "{}"), ("setting", "{}"), ("dtype", "{}"), ("N", "{:,}"),
 
 
 def markdown(rows: list[dict], header: bool = True) -> str:
-    lines = []
-    if header:
-        lines += ["| " + " | ".join(c for c, _ in COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
-    for r in rows:
-        cells = ["-" if r.get(c) is None else fmt.format(r[c]) for c, fmt in COLUMNS]
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+    return utils.markdown(rows, COLUMNS, header)
 
 
 def write_outputs(result: dict, out: Path) -> None:
-    meta, rows = result["meta"], result["rows"]
-    write_atomic(out / "results.json", (json.dumps(result, indent=1) + "\n").encode())
-    stamp = {"time": meta["time"], "machine": meta["machine"], "device": meta["device"], "git_sha": meta["git_sha"],
-             "versions": json.dumps(meta["versions"], sort_keys=True), "copy_gbs": meta["copy_gbs"],
-             "peak_memory": meta["peak_memory"]}
-    fields = list(stamp) + [c for c, _ in COLUMNS] + sorted({k for r in rows for k in r} - {c for c, _ in COLUMNS})
-    buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=fields)
-    writer.writeheader()
-    for r in rows:
-        writer.writerow({**stamp, **r})
-    write_atomic(out / "results.csv", buf.getvalue().encode())
-    plot_qps(rows, out / "qps_vs_b.png")
-    plot_recall(rows, out / "recall_vs_qps.png")
+    utils.write_results(out, result, COLUMNS, stamp_keys=("copy_gbs", "peak_memory"))
+    plot_qps(result["rows"], out / "qps_vs_b.png")
+    plot_recall(result["rows"], out / "recall_vs_qps.png")
 
 
 def _series(rows, key):

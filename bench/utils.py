@@ -6,7 +6,10 @@ of one cell, so a neighbour's load spike hits every method alike instead of one)
 
 from __future__ import annotations
 
+import csv
 import datetime as dt
+import io
+import json
 import os
 import platform
 import socket
@@ -171,6 +174,33 @@ def write_atomic(path: Path, data: bytes) -> None:
     atomic_write(path, lambda f: f.write(data))
 
 
+def markdown(rows: list[dict], columns: list[tuple[str, str]], header: bool = True) -> str:
+    """One Markdown table: ``columns`` are (key, format) pairs; a missing or None value prints as '-'."""
+    lines = []
+    if header:
+        lines += ["| " + " | ".join(c for c, _ in columns) + " |", "|" + "---|" * len(columns)]
+    for r in rows:
+        cells = ["-" if r.get(c) is None else fmt.format(r[c]) for c, fmt in columns]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def write_results(out: Path, result: dict, columns: list[tuple[str, str]], stamp_keys=()) -> None:
+    """results.json (the whole ``result``: meta + rows + ...) and results.csv: one row per result row, the table's
+    columns first, every row stamped with time, machine, device, git sha and versions (+ ``stamp_keys`` of meta)."""
+    meta, rows = result["meta"], result["rows"]
+    write_atomic(out / "results.json", (json.dumps(result, indent=1) + "\n").encode())
+    stamp = {"time": meta["time"], "machine": meta["machine"], "device": meta["device"], "git_sha": meta["git_sha"],
+             "versions": json.dumps(meta["versions"], sort_keys=True), **{k: meta[k] for k in stamp_keys}}
+    fields = list(stamp) + [c for c, _ in columns] + sorted({k for r in rows for k in r} - {c for c, _ in columns})
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=fields)
+    writer.writeheader()
+    for r in rows:
+        writer.writerow({**stamp, **r})
+    write_atomic(out / "results.csv", buf.getvalue().encode())
+
+
 def save_figure(fig, path: Path) -> None:
     """PNG written to a temp name and renamed (realm_hpc.checkpoint.atomic_write), then the figure is closed."""
     import matplotlib.pyplot as plt
@@ -186,3 +216,30 @@ def pyplot():
     import matplotlib.pyplot as plt
 
     return plt
+
+
+# ---------------------------------------------------------------------------------------------------------- models
+
+def recipe_data(recipe: str, overrides: list[str], out: Path):
+    """(Config, PretrainData) of a named recipe with --set overrides; the tokenized corpus is cached under
+    out/cache/<hash of the model and data sections>, so a second run of a bench reuses it."""
+    import hashlib
+
+    from realm_hpc.config import apply_overrides
+    from realm_hpc.data.examples import PretrainData
+    from realm_hpc.recipes import get_recipe
+
+    cfg = apply_overrides(get_recipe(recipe), list(overrides))
+    key = hashlib.sha1(json.dumps([cfg.to_dict()["model"], cfg.to_dict()["data"]], sort_keys=True).encode())
+    return cfg, PretrainData(cfg, out / "cache" / key.hexdigest()[:12])
+
+
+def with_overrides(cfg, overrides: dict, bench: str):
+    """A bench dataclass with the given fields replaced (None = keep); an unknown field is a ValueError."""
+    import dataclasses
+
+    names = {f.name for f in dataclasses.fields(cfg)}
+    for key in overrides:
+        if key not in names:
+            raise ValueError(f"bench {bench}: unknown setting {key!r}")
+    return dataclasses.replace(cfg, **{k: v for k, v in overrides.items() if v is not None})

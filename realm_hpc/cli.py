@@ -31,14 +31,24 @@ def _parser() -> argparse.ArgumentParser:
     ev = sub.add_parser("evaluate", help="recall@k and MLM accuracy of a run's checkpoint")
     ev.add_argument("--run", required=True)
 
-    bi = sub.add_parser("build-index", help="encode a run's corpus with its doc encoder into an index directory")
-    bi.add_argument("--run", required=True)
-    bi.add_argument("--out", required=True)
+    bi = sub.add_parser("build-index", help="encode a corpus with a checkpoint's doc encoder into an index directory")
+    bi.add_argument("--run", help="a run directory: its checkpoint and its corpus")
+    bi.add_argument("--checkpoint", help="a checkpoint directory (config.json in it or beside it); needs --corpus")
+    bi.add_argument("--corpus", help="DPR .tsv or .jsonl corpus to encode (with --checkpoint)")
+    bi.add_argument("--out", required=True, help="the index directory (written atomically)")
+    bi.add_argument("--backend", help="exact | faiss-flat | faiss-ivfpq (index.backend)")
+    bi.add_argument("--dtype", help="embeddings.npy storage: fp32 | fp16 | bf16 (index.dtype)")
+    bi.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                    help="override a config field, e.g. index.nlist=1024 index.m=32 index.nprobe=16")
 
-    rt = sub.add_parser("retrieve", help="top-k documents of an index for a question")
+    rt = sub.add_parser("retrieve", help="top-k documents of an index for a question or a file of them")
     rt.add_argument("--index", required=True)
     rt.add_argument("--k", type=int, default=8)
-    rt.add_argument("question")
+    rt.add_argument("--queries", help="questions: .jsonl ({\"id\"?, \"question\"|\"query\"|\"text\"}) or text, "
+                                      "one per line; JSONL results")
+    rt.add_argument("--out", help="with --queries: write the JSONL here (atomically) instead of stdout")
+    rt.add_argument("--batch-size", type=int, default=64, help="with --queries: questions per search")
+    rt.add_argument("question", nargs="?")
 
     be = sub.add_parser("bench", help="benchmarks (the checkout's bench/ scripts)")
     bsub = be.add_subparsers(dest="bench_command", required=True)
@@ -55,6 +65,17 @@ def _parser() -> argparse.ArgumentParser:
     br.add_argument("--nprobe", type=int, nargs="+", help="IVF-PQ settings swept for the recall-vs-QPS curve")
     br.add_argument("--repeats", type=int, help="minimum timing rounds per cell")
     br.add_argument("--seed", type=int)
+    for name, text in (("refresh", "re-encode docs/s of the refresher path vs a bare HF forward loop"),
+                       ("train-step", "time per REALM step: retrieve / fwd+bwd / optimizer / index swap / wait")):
+        bp = bsub.add_parser(name, help=text)
+        bp.add_argument("--quick", action="store_true", help="a few seconds on CPU")
+        bp.add_argument("--out", help=f"output directory (default runs/bench/{name})")
+        bp.add_argument("--recipe", help="the model and corpus of this recipe (default tiny)")
+        bp.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config field")
+        bp.add_argument("--repeats", type=int, help="minimum timing rounds" if name == "refresh" else "timed steps")
+        if name == "refresh":
+            bp.add_argument("--docs", type=int, help="documents re-encoded per timed pass")
+            bp.add_argument("--batch-size", type=int, help="documents per forward (default refresh.batch_size)")
     return p
 
 
@@ -192,17 +213,77 @@ def cmd_evaluate(args) -> None:
     print(format_summary(result))
 
 
+def _load_checkpoint_dir(ckpt: str):
+    """(cfg, tokenizer, model) from a checkpoint directory; config.json and data/tokenizer are looked up in it,
+    then beside it (a run's checkpoint/ sits in the run directory)."""
+    from realm_hpc.checkpoint import load_checkpoint
+    from realm_hpc.data.tokenizer import load_tokenizer
+    from realm_hpc.models.realm import Realm
+
+    ckpt_dir = Path(ckpt)
+    if not ckpt_dir.is_dir():
+        raise FileNotFoundError(f"{ckpt_dir}: no such checkpoint directory")
+    found = [d / "config.json" for d in (ckpt_dir, ckpt_dir.parent) if (d / "config.json").is_file()]
+    if not found:
+        raise FileNotFoundError(f"{ckpt_dir / 'config.json'}: no config.json in the checkpoint or beside it")
+    cfg = load_config(str(found[0]))
+    tok_dirs = [Path(cfg.model.pretrained)] if cfg.model.pretrained else [
+        d / "tokenizer" for d in (ckpt_dir, ckpt_dir / "data", found[0].parent / "data")]
+    tok_dir = next((d for d in tok_dirs if d.is_dir()), tok_dirs[0])
+    tokenizer = load_tokenizer(tok_dir)
+    model = Realm(cfg, len(tokenizer))
+    model.load_state_dict(load_checkpoint(ckpt_dir)["model"])
+    model.eval()
+    return cfg, tokenizer, model
+
+
 def cmd_build_index(args) -> None:
+    import tempfile
+
+    from realm_hpc.data.blocks import BlockStore
+    from realm_hpc.data.corpus import read_corpus
     from realm_hpc.retrieval.store import build_index
 
-    cfg, data, model = _load_run(args.run)
-    out = build_index(model, data, cfg, args.out)
-    print(f"wrote {out} ({len(data.blocks)} documents, dim {cfg.model.proj_dim})")
+    if bool(args.run) == bool(args.checkpoint) or bool(args.checkpoint) != bool(args.corpus):
+        raise ConfigError("build-index needs --run DIR, or --checkpoint DIR with --corpus FILE")
+    index_sets = [f"index.backend={args.backend}"] * bool(args.backend) + [f"index.dtype={args.dtype}"] * bool(
+        args.dtype)
+    out = Path(args.out)
+    if args.run:
+        cfg, data, model = _load_run(args.run)
+        cfg = apply_overrides(cfg, [*args.set, *index_sets])
+        build_index(model, data.blocks, data.tokenizer, cfg, out)
+        count = len(data.blocks)
+    else:
+        cfg, tokenizer, model = _load_checkpoint_dir(args.checkpoint)
+        cfg = apply_overrides(cfg, [*args.set, *index_sets])
+        docs = read_corpus(args.corpus)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=out.parent, prefix=f".{out.name}.blocks-") as tmp:
+            blocks = BlockStore.build(docs, tokenizer, Path(tmp) / "blocks", max_len=cfg.model.block_len)
+            build_index(model, blocks, tokenizer, cfg, out)
+        count = len(docs)
+    print(f"wrote {out} ({count} documents, dim {cfg.model.proj_dim}, {cfg.index.dtype}, {cfg.index.backend})")
 
 
 def cmd_retrieve(args) -> None:
     from realm_hpc.retrieval.store import SavedIndex
 
+    if bool(args.question) == bool(args.queries):
+        raise ConfigError("retrieve needs a question or --queries FILE (not both)")
+    if args.out and not args.queries:
+        raise ConfigError("--out goes with --queries")
+    if args.batch_size < 1:
+        raise ConfigError("--batch-size must be >= 1")
+    if args.queries:
+        from realm_hpc.retrieval.queries import read_queries, write_results
+
+        queries = read_queries(args.queries)  # every line checked before the index is loaded
+        index = SavedIndex.open(args.index)
+        write_results(index, queries, args.k, args.batch_size, args.out)
+        if args.out:
+            print(f"wrote {args.out} ({len(queries)} queries, top {args.k})")
+        return
     index = SavedIndex.open(args.index)
     for rank, (doc_id, title, score) in enumerate(index.retrieve(args.question, args.k), 1):
         print(f"{rank:>3}  {score:9.4f}  {doc_id:>10}  {title}")
@@ -211,10 +292,15 @@ def cmd_retrieve(args) -> None:
 
 # -- bench -----------------------------------------------------------------------------------------------------------
 def cmd_bench(args) -> None:
-    bench = _bench_module(f"bench_{args.bench_command}")
-    cfg = bench.config(quick_run=args.quick, out=args.out, backends=args.backends, batch_sizes=args.batch_sizes,
-                       n=args.n, dim=args.dim, dtypes=args.dtype, index=args.index, k=args.k, nprobe=args.nprobe,
-                       min_repeats=args.repeats, seed=args.seed)
+    bench = _bench_module(f"bench_{args.bench_command.replace('-', '_')}")
+    if args.bench_command == "retrieval":
+        cfg = bench.config(quick_run=args.quick, out=args.out, backends=args.backends, batch_sizes=args.batch_sizes,
+                           n=args.n, dim=args.dim, dtypes=args.dtype, index=args.index, k=args.k, nprobe=args.nprobe,
+                           min_repeats=args.repeats, seed=args.seed)
+    else:
+        extra = dict(docs=args.docs, batch_size=args.batch_size) if args.bench_command == "refresh" else {}
+        cfg = bench.config(quick_run=args.quick, out=args.out, recipe=args.recipe, overrides=args.set or None,
+                           repeats=args.repeats, **extra)
     bench.run(cfg)
 
 

@@ -61,6 +61,17 @@ class RefreshConfig:
 
 
 @dataclass(kw_only=True)
+class IndexConfig:
+    """The saved index `build-index` writes (realm_hpc/retrieval/store.py); 0 = the backend's own default."""
+    backend: str = "exact"  # exact | faiss-flat | faiss-ivfpq (IndexIVFPQ + IndexRefineFlat re-rank)
+    dtype: str = "fp32"  # embeddings.npy storage: fp32 | fp16 | bf16 (bf16 bits stored as uint16)
+    nlist: int = 0  # faiss-ivfpq inverted lists (0 = 2 sqrt(N))
+    m: int = 0  # faiss-ivfpq PQ sub-quantizers, must divide model.proj_dim (0 = D / 4)
+    nprobe: int = 0  # faiss-ivfpq lists scanned per query (0 = nlist / 32)
+    k_factor: int = 8  # faiss-ivfpq: re-rank k * k_factor candidates exactly
+
+
+@dataclass(kw_only=True)
 class OptimConfig:
     lr: float = 1e-3
     retriever_lr_scale: float = 0.1  # a lower retriever LR keeps the reader's early noise from collapsing it
@@ -107,6 +118,7 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     retrieval: RetrievalConfig = field(default_factory=RetrievalConfig)
     refresh: RefreshConfig = field(default_factory=RefreshConfig)
+    index: IndexConfig = field(default_factory=IndexConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     ict: ICTConfig = field(default_factory=ICTConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
@@ -124,6 +136,11 @@ class Config:
             (self.train.batch_size >= 1, "train.batch_size must be >= 1"),
             (0.0 <= self.data.world_alias_rate <= 1.0, "data.world_alias_rate must be in [0, 1]"),
             (self.model.query_len < self.model.reader_len, "model.query_len must be < model.reader_len"),
+            (self.index.backend in ("exact", "faiss-flat", "faiss-ivfpq"),
+             "index.backend must be 'exact', 'faiss-flat' or 'faiss-ivfpq'"),
+            (self.index.dtype in ("fp32", "fp16", "bf16"), "index.dtype must be 'fp32', 'fp16' or 'bf16'"),
+            (min(self.index.nlist, self.index.m, self.index.nprobe) >= 0 and self.index.k_factor >= 1,
+             "index.nlist, index.m, index.nprobe must be >= 0 and index.k_factor >= 1"),
         ]
         for ok, message in checks:
             if not ok:

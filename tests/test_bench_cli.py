@@ -87,28 +87,16 @@ def test_unknown_backend_is_a_one_line_error(tmp_path, capsys):
     assert "unknown backend 'hnsw'" in capsys.readouterr().err
 
 
-def test_saved_index_is_benchmarked(tmp_path):
-    """--index: a directory in realm-hpc build-index's format (written here by hand: no run needed)."""
-    import hashlib
-
-    import numpy as np
-
-    from realm_hpc.config import Config
-    from realm_hpc.retrieval.store import FORMAT
-
+def test_saved_index_is_benchmarked(tiny_run, tmp_path):
+    """--index: a directory realm-hpc build-index wrote (bf16 storage: the bench searches it as fp32)."""
     index = tmp_path / "index"
-    index.mkdir()
-    emb = np.random.default_rng(0).standard_normal((2000, 16)).astype(np.float32)
-    np.save(index / "embeddings.npy", emb)
-    (index / "docs.json").write_text(json.dumps({"ids": [str(i) for i in range(2000)], "titles": [""] * 2000}))
-    (index / "config.json").write_text(json.dumps(Config().to_dict()))
-    checksum = hashlib.sha256((index / "embeddings.npy").read_bytes()).hexdigest()
-    (index / "meta.json").write_text(json.dumps({"format": FORMAT, "count": 2000, "dim": 16, "dtype": "float32",
-                                                 "checksum": checksum}))
+    main(["build-index", "--run", str(tiny_run), "--out", str(index), "--dtype", "bf16"])
+    meta = json.loads((index / "meta.json").read_text())
     out = tmp_path / "out"
     with contextlib.redirect_stdout(io.StringIO()):
         main(["bench", "retrieval", "--quick", "--index", str(index), "--backends", "exact", "faiss-flat",
               "--batch-sizes", "4", "--repeats", "1", "--out", str(out)])
     rows = json.loads((out / "results.json").read_text())["rows"]
+    n, d = meta["count"], meta["dim"]
     assert [(r["backend"], r["N"], r["D"], r["B"], r["recall"]) for r in rows] == [
-        ("exact", 2000, 16, 4, 1.0), ("faiss-flat", 2000, 16, 4, 1.0)]
+        ("exact", n, d, 4, 1.0), ("faiss-flat", n, d, 4, 1.0)]

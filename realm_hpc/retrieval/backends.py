@@ -565,6 +565,37 @@ def build_backend(name: str, embeddings, **params) -> Backend:
     return cls(embeddings, params_cls(**params))
 
 
+def write_faiss(backend: Backend, path) -> None:
+    """A faiss backend's index to ``path`` (faiss.write_index; a GPU index is copied to the CPU first)."""
+    faiss = _import_faiss()
+    index = backend.index
+    if getattr(backend, "gpu", False):
+        index = faiss.index_gpu_to_cpu(index)
+    faiss.write_index(index, str(path))
+
+
+def read_faiss(name: str, path, nprobe: int | None = None, k_factor: int | None = None) -> Backend:
+    """The backend ``name`` around an index ``write_faiss`` wrote, without rebuilding (an IVF-PQ build trains
+    k-means); ``nprobe`` / ``k_factor`` override the saved search parameters of faiss-ivfpq."""
+    faiss = _import_faiss()
+    index = faiss.read_index(str(path))
+    if name == "faiss-flat":
+        backend = FaissFlatBackend.__new__(FaissFlatBackend)
+        Backend.__init__(backend, index.ntotal, index.d, torch.float32, {"gpu": False})
+        backend.gpu, backend.index = False, index
+        return backend
+    if name != "faiss-ivfpq":
+        raise ValueError(f"{path}: no faiss file for backend {name!r}")
+    backend = FaissIVFPQBackend.__new__(FaissIVFPQBackend)
+    Backend.__init__(backend, index.ntotal, index.d, torch.float32, {})
+    ivf = faiss.downcast_index(index.base_index)
+    backend.index, backend.ivf, backend._keep = index, ivf, (index,)
+    backend.params = {"nlist": ivf.nlist, "m": ivf.pq.M, "nbits": ivf.pq.nbits, "nprobe": ivf.nprobe,
+                      "k_factor": int(index.k_factor)}
+    backend.set_search_params(nprobe=nprobe, k_factor=k_factor)
+    return backend
+
+
 def recall_at_k(ids, queries, embeddings, exact_scores, tol: float = 1e-5) -> float:
     """Tie-tolerant recall@k, as in faiss's benchs: a returned id counts when its true score reaches the exact
     k-th score (less tol, relative to that score's magnitude when it exceeds 1), so an equally good neighbour is not

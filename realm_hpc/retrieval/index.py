@@ -51,10 +51,11 @@ def encode_blocks(encoder: torch.nn.Module, blocks, batch_size: int, progress: b
     was_training = encoder.training
     encoder.eval()
     out = []
+    device = next(encoder.parameters()).device
     starts = range(indices.start, indices.stop, batch_size)
     for start in tqdm(starts, desc="encode", disable=not progress, leave=False):
         batch = blocks.batch(range(start, min(start + batch_size, indices.stop)))
-        out.append(encoder(batch["input_ids"], batch["attention_mask"]).float())
+        out.append(encoder(batch["input_ids"].to(device), batch["attention_mask"].to(device)).float())
     encoder.train(was_training)
     proj = encoder.proj.out_features
-    return torch.cat(out) if out else torch.empty(0, proj)
+    return torch.cat(out) if out else torch.empty(0, proj, device=device)

@@ -1,29 +1,49 @@
 """An index on disk: what `build-index` writes and `retrieve` reads.
 
-INDEX_DIR/ holds embeddings.npy (memory-mapped on load), docs.json (ids and titles), the query encoder and its
-tokenizer (so a question can be embedded without the run), and meta.json with a checksum. The directory is
-written whole to a temp name and renamed; a torn or altered index is refused on open.
+INDEX_DIR/
+    embeddings.npy      [N, D] fp32 | fp16 | bf16 (bf16 stored as uint16 bit patterns: numpy has no bfloat16;
+                        `embeddings()` views them back as torch.bfloat16 without a copy), memory-mapped on open
+    doc_ids.npy, doc_ids_offsets.npy, titles.npy, titles_offsets.npy
+                        UTF-8 strings back to back + int64 offsets (the block store's layout, copied from it)
+    index.faiss         faiss-flat / faiss-ivfpq only: the faiss index (faiss.write_index), so an IVF-PQ index
+                        is trained once
+    query_encoder.pt, tokenizer/, config.json
+                        what embedding a question needs, without the run
+    meta.json           format, count, dim, dtype, backend and its parameters, encoder, and a sha256 per file
+
+The directory is written whole to a temp name and renamed (atomic_dir); on open every file's size and sha256 are
+checked against meta.json, so a torn, truncated or altered index (faiss file included) is refused.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import shutil
+import warnings
 from pathlib import Path
 
 import numpy as np
 import torch
+from tqdm import tqdm
 
-import kernels
 from realm_hpc.config import Config, from_dict
 from realm_hpc.data.corpus import atomic_dir
 from realm_hpc.data.tokenizer import load_tokenizer
+from realm_hpc.retrieval.backends import Backend, build_backend, read_faiss, write_faiss
 from realm_hpc.retrieval.index import encode_blocks
 
-FORMAT = "realm-hpc-index/1"
+FORMAT = "realm-hpc-index/2"
+# numpy dtype each storage dtype is written as, and how meta.json describes it
+STORAGE = {"fp32": (np.float32, "float32"), "fp16": (np.float16, "float16"),
+           "bf16": (np.uint16, "uint16: bfloat16 bit patterns (view as torch.bfloat16)")}
+TORCH_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+STRING_FILES = ("doc_ids.npy", "doc_ids_offsets.npy", "titles.npy", "titles_offsets.npy")
+FAISS_FILE = "index.faiss"
+ENCODE_CHUNK = 4096  # documents encoded per chunk, written straight into the memory-mapped .npy
 
 
-def _checksum(path: Path) -> str:
+def _sha256(path: Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
@@ -31,48 +51,142 @@ def _checksum(path: Path) -> str:
     return h.hexdigest()
 
 
-def build_index(model, data, cfg: Config, out: str | Path) -> Path:
-    emb = encode_blocks(model.retriever.doc, data.blocks, cfg.refresh.batch_size, progress=True).numpy()
+def to_storage(x: torch.Tensor, dtype: str) -> np.ndarray:
+    """float embeddings -> the numpy array embeddings.npy holds for ``dtype``."""
+    t = x.detach().cpu().to(TORCH_DTYPES[dtype])
+    return t.view(torch.int16).numpy().view(np.uint16) if dtype == "bf16" else t.numpy()
+
+
+def from_storage(a: np.ndarray, dtype: str) -> torch.Tensor:
+    """embeddings.npy's array (memory-mapped) -> a torch tensor of ``dtype`` sharing its memory."""
+    with warnings.catch_warnings():  # read-only memory map: the index never writes to it
+        warnings.simplefilter("ignore", UserWarning)
+        t = torch.from_numpy(np.asarray(a).view(np.int16) if dtype == "bf16" else np.asarray(a))
+    return t.view(torch.bfloat16) if dtype == "bf16" else t
+
+
+def build_index(model, blocks, tokenizer, cfg: Config, out: str | Path) -> Path:
+    """Encode every block with the model's doc encoder into INDEX_DIR ``out`` (cfg.index: backend, dtype, IVF-PQ
+    parameters), with a progress bar; the directory appears complete or not at all."""
+    icfg = cfg.index
+    n, dim = len(blocks), cfg.model.proj_dim
+    np_dtype = STORAGE[icfg.dtype][0]
     with atomic_dir(out) as tmp:
-        np.save(tmp / "embeddings.npy", emb.astype(np.float32))
-        docs = {"ids": [data.blocks.doc_id(i) for i in range(len(data.blocks))],
-                "titles": [data.blocks.title(i) for i in range(len(data.blocks))]}
-        (tmp / "docs.json").write_text(json.dumps(docs))
+        emb = np.lib.format.open_memmap(tmp / "embeddings.npy", mode="w+", dtype=np_dtype, shape=(n, dim))
+        with tqdm(total=n, desc="encode", unit="doc") as bar:
+            for a in range(0, n, ENCODE_CHUNK):
+                rows = range(a, min(n, a + ENCODE_CHUNK))
+                emb[rows.start:rows.stop] = to_storage(
+                    encode_blocks(model.retriever.doc, blocks, cfg.refresh.batch_size, indices=rows), icfg.dtype)
+                bar.update(len(rows))
+        emb.flush()
+        del emb
+        for name in STRING_FILES:
+            shutil.copyfile(Path(blocks.path) / name, tmp / name)
+        params = {}
+        if icfg.backend != "exact":
+            # faiss stores float32: it indexes the stored (rounded) values, so every backend searches the same rows
+            x = from_storage(np.load(tmp / "embeddings.npy", mmap_mode="r"), icfg.dtype).float()
+            backend = build_backend(icfg.backend, x, **_build_params(icfg, n))
+            write_faiss(backend, tmp / FAISS_FILE)
+            params = {k: v for k, v in backend.params.items() if k != "gpu"}
         torch.save(model.retriever.query.state_dict(), tmp / "query_encoder.pt")
         (tmp / "config.json").write_text(json.dumps(cfg.to_dict()))
-        data.tokenizer.save_pretrained(tmp / "tokenizer")
-        meta = {"format": FORMAT, "count": int(emb.shape[0]), "dim": int(emb.shape[1]), "dtype": "float32",
-                "encoder": cfg.model.pretrained or "scratch", "checksum": _checksum(tmp / "embeddings.npy")}
+        tokenizer.save_pretrained(str(tmp / "tokenizer"))
+        meta = {"format": FORMAT, "count": n, "dim": dim, "dtype": icfg.dtype, "storage": STORAGE[icfg.dtype][1],
+                "backend": icfg.backend, "backend_params": params, "encoder": cfg.model.pretrained or "scratch",
+                "files": {str(f.relative_to(tmp)): {"bytes": f.stat().st_size, "sha256": _sha256(f)}
+                          for f in sorted(tmp.rglob("*")) if f.is_file()}}
         (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
     return Path(out)
 
 
+def _build_params(icfg, n: int) -> dict:
+    if icfg.backend == "faiss-flat":
+        return {"gpu": False}  # written to disk: a CPU index (read_faiss gives a CPU index back)
+    return {"nlist": icfg.nlist or None, "m": icfg.m or None, "nprobe": icfg.nprobe or None,
+            "k_factor": icfg.k_factor}
+
+
+class _Strings:
+    """Strings stored as UTF-8 bytes back to back + int64 offsets (memory-mapped)."""
+
+    def __init__(self, path: Path, name: str):
+        self.data = np.load(path / f"{name}.npy", mmap_mode="r")
+        self.offsets = np.load(path / f"{name}_offsets.npy", mmap_mode="r")
+
+    def __len__(self) -> int:
+        return len(self.offsets) - 1
+
+    def __getitem__(self, i: int) -> str:
+        return self.data[self.offsets[i]:self.offsets[i + 1]].tobytes().decode("utf-8")
+
+
 class SavedIndex:
-    def __init__(self, path: Path, meta: dict, embeddings: np.ndarray, docs: dict, cfg: Config):
-        self.path, self.meta, self.embeddings, self.docs, self.cfg = path, meta, embeddings, docs, cfg
+    def __init__(self, path: Path, meta: dict, cfg: Config):
+        self.path, self.meta, self.cfg = path, meta, cfg
+        self.array = np.load(path / "embeddings.npy", mmap_mode="r")
+        self.doc_ids, self.titles = _Strings(path, "doc_ids"), _Strings(path, "titles")
+        self._backend: Backend | None = None
         self._encoder = None
         self._tokenizer = None
 
     @classmethod
     def open(cls, path: str | Path) -> "SavedIndex":
+        """Check the directory against meta.json (format, every file's size and sha256, shapes) and open it."""
         path = Path(path)
         meta_path = path / "meta.json"
         if not meta_path.exists():
             raise FileNotFoundError(f"{meta_path}: not an index directory (no meta.json)")
-        meta = json.loads(meta_path.read_text())
+        try:
+            meta = json.loads(meta_path.read_text())
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{meta_path}:{e.lineno}: invalid JSON ({e.msg})") from None
         if meta.get("format") != FORMAT:
-            raise ValueError(f"{meta_path}: unknown index format {meta.get('format')!r}")
-        emb_path = path / "embeddings.npy"
-        if _checksum(emb_path) != meta["checksum"]:
-            raise ValueError(f"{emb_path}: checksum does not match meta.json (torn or altered index)")
-        emb = np.load(emb_path, mmap_mode="r")
-        if emb.shape != (meta["count"], meta["dim"]):
-            raise ValueError(f"{emb_path}: shape {emb.shape} != meta.json ({meta['count']}, {meta['dim']})")
-        docs = json.loads((path / "docs.json").read_text())
-        if len(docs["ids"]) != meta["count"]:
-            raise ValueError(f"{path / 'docs.json'}: {len(docs['ids'])} documents, meta.json says {meta['count']}")
-        cfg = from_dict(json.loads((path / "config.json").read_text()))
-        return cls(path, meta, emb, docs, cfg)
+            raise ValueError(f"{meta_path}: unknown index format {meta.get('format')!r} (expected {FORMAT}; "
+                             "rebuild it with realm-hpc build-index)")
+        for name, want in meta["files"].items():
+            f = path / name
+            if not f.is_file():
+                raise ValueError(f"{f}: missing (torn index)")
+            if f.stat().st_size != want["bytes"]:
+                raise ValueError(f"{f}: {f.stat().st_size} bytes, meta.json says {want['bytes']} (truncated or "
+                                 "altered index)")
+            if _sha256(f) != want["sha256"]:
+                raise ValueError(f"{f}: checksum does not match meta.json (torn or altered index)")
+        need = ["embeddings.npy", *STRING_FILES, "config.json", "query_encoder.pt"]
+        need += [FAISS_FILE] if meta["backend"] != "exact" else []
+        for name in need:
+            if name not in meta["files"]:
+                raise ValueError(f"{meta_path}: lists no {name}")
+        index = cls(path, meta, from_dict(json.loads((path / "config.json").read_text())))
+        want_shape, want_dtype = (meta["count"], meta["dim"]), STORAGE[meta["dtype"]][0]
+        if index.array.shape != want_shape or index.array.dtype != want_dtype:
+            raise ValueError(f"{path / 'embeddings.npy'}: {index.array.dtype} {index.array.shape}, meta.json says "
+                             f"{np.dtype(want_dtype)} {want_shape}")
+        if len(index.doc_ids) != meta["count"] or len(index.titles) != meta["count"]:
+            raise ValueError(f"{path}: {len(index.doc_ids)} doc ids and {len(index.titles)} titles, meta.json says "
+                             f"{meta['count']}")
+        return index
+
+    def __len__(self) -> int:
+        return self.meta["count"]
+
+    def embeddings(self) -> torch.Tensor:
+        """[N, D] in the stored dtype, sharing the memory map."""
+        return from_storage(self.array, self.meta["dtype"])
+
+    def backend(self) -> Backend:
+        """The backend the index was built for: exact over the stored rows, or the saved faiss index."""
+        if self._backend is None:
+            if self.meta["backend"] == "exact":
+                self._backend = build_backend("exact", self.embeddings())
+            else:
+                self._backend = read_faiss(self.meta["backend"], self.path / FAISS_FILE)
+            if (self._backend.n, self._backend.d) != (self.meta["count"], self.meta["dim"]):
+                raise ValueError(f"{self.path / FAISS_FILE}: {self._backend.n} x {self._backend.d} vectors, "
+                                 f"meta.json says {self.meta['count']} x {self.meta['dim']}")
+        return self._backend
 
     def embed(self, questions: list[str]) -> torch.Tensor:
         from realm_hpc.models.encoders import Encoder
@@ -87,9 +201,13 @@ class SavedIndex:
         with torch.no_grad():
             return self._encoder(enc["input_ids"], enc["attention_mask"])
 
+    def search(self, questions: list[str], k: int) -> list[list[tuple[str, str, float]]]:
+        """Top-k (doc id, title, score) per question, best first."""
+        if not 1 <= k <= len(self):
+            raise ValueError(f"--k must be between 1 and {len(self)}")
+        scores, ids = self.backend().search(self.embed(questions), k)
+        return [[(self.doc_ids[i], self.titles[i], float(s)) for s, i in zip(srow, irow)]
+                for srow, irow in zip(scores.tolist(), ids.tolist())]
+
     def retrieve(self, question: str, k: int) -> list[tuple[str, str, float]]:
-        if not 1 <= k <= self.meta["count"]:
-            raise ValueError(f"--k must be between 1 and {self.meta['count']}")
-        scores, ids = kernels.ip_topk(self.embed([question]), torch.from_numpy(np.asarray(self.embeddings)), k)
-        return [(self.docs["ids"][i], self.docs["titles"][i], float(s))
-                for s, i in zip(scores[0].tolist(), ids[0].tolist())]
+        return self.search([question], k)[0]
