@@ -83,3 +83,18 @@ def test_bench_unknown_recipe_is_a_one_line_error(tmp_path, capsys):
     with pytest.raises(SystemExit) as exc:
         main(["bench", "train-step", "--quick", "--recipe", "nope", "--out", str(tmp_path)])
     assert exc.value.code == 2 and "unknown recipe 'nope'" in capsys.readouterr().err
+
+
+def test_bench_sbatch_is_a_thin_valid_script():
+    import subprocess
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "slurm" / "bench.sbatch"
+    assert subprocess.run(["bash", "-n", str(script)], capture_output=True).returncode == 0
+    lines = script.read_text().splitlines()
+    assert lines[0] == "#!/bin/bash"
+    sbatch = [i for i, line in enumerate(lines) if line.startswith("#SBATCH")]
+    first_command = next(i for i, line in enumerate(lines) if line.strip() and not line.startswith("#"))
+    assert sbatch and max(sbatch) < first_command  # sbatch stops reading #SBATCH at the first command
+    assert any("--output=logs/bench-%j.out" in lines[i] for i in sbatch)
+    assert all(f"bench {name}" in script.read_text() for name in ("retrieval", "refresh", "train-step"))
