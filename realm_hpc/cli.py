@@ -246,8 +246,8 @@ def cmd_build_index(args) -> None:
 
     if bool(args.run) == bool(args.checkpoint) or bool(args.checkpoint) != bool(args.corpus):
         raise ConfigError("build-index needs --run DIR, or --checkpoint DIR with --corpus FILE")
-    index_sets = [f"index.backend={args.backend}"] * bool(args.backend) + [f"index.dtype={args.dtype}"] * bool(
-        args.dtype)
+    index_sets = [f"index.{key}={value}" for key, value in (("backend", args.backend), ("dtype", args.dtype))
+                  if value]
     out = Path(args.out)
     if args.run:
         cfg, data, model = _load_run(args.run)
