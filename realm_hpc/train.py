@@ -15,10 +15,10 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from realm_hpc import preempt
 from realm_hpc.checkpoint import atomic_write_json, load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from realm_hpc.config import Config
 from realm_hpc.data.examples import PretrainData
-from realm_hpc import preempt
 from realm_hpc.dist import print0
 from realm_hpc.evaluate import mlm_accuracy, recall_at_k
 from realm_hpc.metrics import MetricsLogger, plot_curves
