@@ -107,7 +107,15 @@ class SlurmCluster:
     # -- life cycle ----------------------------------------------------------------------------------------
     def start(self, timeout_s: float = 30.0) -> None:
         self._lock = open(LOCK_FILE, "w")
-        fcntl.flock(self._lock, fcntl.LOCK_EX)  # another session's cluster goes first
+        deadline = time.monotonic() + 600
+        while True:  # another session's cluster goes first
+            try:
+                fcntl.flock(self._lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"{LOCK_FILE} held by another test session for 600 s") from None
+                time.sleep(0.5)
         for d in ("state", "spool"):
             (self.root / d).mkdir(parents=True, exist_ok=True)
         self.conf.write_text(self.config_text())

@@ -145,3 +145,15 @@ def test_finetune_sbatch_passes_the_cli_arguments_and_resumes(cluster, tmp_path)
     first, second = calls.read_text().splitlines()
     assert first == f"finetune --recipe qa-demo --pretrained runs/demo --out {out_dir} --set train.steps=5"
     assert second == f"finetune --recipe qa-demo --pretrained runs/demo --out {out_dir} --resume --set train.steps=5"
+
+
+def test_without_root_or_apt_the_reason_is_given(monkeypatch):
+    import slurm_cluster
+
+    monkeypatch.setattr(os, "geteuid", lambda: 1000)
+    assert "needs root" in _unavailable()
+    monkeypatch.setattr(slurm_cluster, "_which", lambda name: None)
+    assert "not root" in slurm_cluster.ensure_installed()
+    monkeypatch.setattr(os, "geteuid", lambda: 0)
+    monkeypatch.setattr(slurm_cluster.shutil, "which", lambda name: None)
+    assert "no apt-get" in slurm_cluster.ensure_installed()
