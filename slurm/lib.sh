@@ -32,7 +32,8 @@ run_step() {
     if [ "$rc" -eq "$EXIT_PREEMPTED" ]; then
         if [ "${REQUEUE:-1}" = 1 ]; then
             log "step checkpointed and exited $rc: requeueing"
-            scontrol requeue "$SLURM_JOB_ID"
+            # Fails harmlessly where Slurm requeues the job itself (PreemptMode=REQUEUE).
+            scontrol requeue "$SLURM_JOB_ID" || log "scontrol requeue failed: resubmit with the same run dir to resume"
         else
             log "step checkpointed and exited $rc: REQUEUE=0, resubmit to resume"
         fi
