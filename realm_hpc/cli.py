@@ -6,11 +6,13 @@ import argparse
 import json
 import os
 import sys
+from contextlib import nullcontext
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+from realm_hpc import preempt  # noqa: E402
 from realm_hpc.config import Config, ConfigError, apply_overrides, load_config  # noqa: E402
 from realm_hpc.recipes import RECIPES, get_recipe  # noqa: E402
 
@@ -79,11 +81,20 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
+PREEMPTIBLE = {"pretrain"}
+
+
 def main(argv: list[str] | None = None) -> None:
     args = _parser().parse_args(argv)
     try:
-        {"pretrain": cmd_pretrain, "evaluate": cmd_evaluate, "build-index": cmd_build_index,
-         "retrieve": cmd_retrieve, "bench": cmd_bench}[args.command](args)
+        # SIGUSR1/SIGTERM -> checkpoint at the next step boundary; other commands keep the default (terminate).
+        with preempt.handlers() if args.command in PREEMPTIBLE else nullcontext():
+            {"pretrain": cmd_pretrain, "evaluate": cmd_evaluate, "build-index": cmd_build_index,
+             "retrieve": cmd_retrieve, "bench": cmd_bench}[args.command](args)
+    except preempt.Preempted as e:
+        # Not an error: a clean exit that job scripts (slurm/*.sbatch) answer with a requeue and --resume.
+        print(f"{e}; exit {preempt.EXIT_PREEMPTED}, continue with --resume", file=sys.stderr, flush=True)
+        sys.exit(preempt.EXIT_PREEMPTED)
     except (ConfigError, FileNotFoundError, ValueError) as e:
         _fail(f"error: {e}", code=2)
     except RuntimeError as e:
@@ -143,8 +154,9 @@ def cmd_pretrain(args) -> None:
     atomic_write_json(run_dir / "config.json", cfg.to_dict())
     try:
         summary = Pretrainer(cfg, run_dir, resume=args.resume, refresher_factory=factory).run()
-    except BaseException:
-        if factory is not None:
+    except BaseException as e:
+        # A preemption in the REALM loop already stopped the refreshers (the loop closes its refresher).
+        if factory is not None and not (isinstance(e, preempt.Preempted) and e.checkpointed):
             from realm_hpc.retrieval.refresh import TAG_STOP
 
             for r in roles.refresher_ranks:  # let the refresher exit instead of waiting forever

@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from realm_hpc import preempt
 from realm_hpc.checkpoint import atomic_write_json, load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from realm_hpc.config import Config
 from realm_hpc.data.examples import PretrainData
@@ -80,7 +81,8 @@ class Pretrainer:
             state = RunState(**ckpt["run_state"])
             print0(f"resuming at step {state.step} (ict done: {state.ict_done})")
         self.state = state
-        self.log = MetricsLogger(self.run_dir, resume_step=self._global_step() if ckpt else None)
+        # A resume without a checkpoint (stopped during ICT) redoes ICT: drop the stopped attempt's rows (-1).
+        self.log = MetricsLogger(self.run_dir, resume_step=self._global_step() if ckpt else -1 if self.resume else None)
         try:
             if not state.ict_done:
                 self.ict()
@@ -108,6 +110,8 @@ class Pretrainer:
         best, stalls = state.recall_at_k_start, 0
         bar = tqdm(range(cfg.ict.steps), desc="ict", leave=False)
         for step in bar:
+            if preempt.requested():  # ICT keeps no optimizer state in checkpoints: a resume restarts it
+                raise preempt.Preempted(preempt.requested(), state.ict_steps, checkpointed=False)
             queries, blocks = data.ict_batch(step, cfg.ict.batch_size, cfg.train.seed, cfg.ict.keep_sentence_prob)
             q = model.retriever.query(queries["input_ids"], queries["attention_mask"])
             g = model.retriever.doc(blocks["input_ids"], blocks["attention_mask"])
@@ -191,8 +195,11 @@ class Pretrainer:
                 if row:
                     self.log.log(self._global_step(), phase="warmup" if warm else "realm", index_version=live.version,
                                  staleness=staleness, **row)
-                if state.step % cfg.train.checkpoint_every == 0 and state.step < cfg.train.steps:
+                signum = preempt.requested()
+                if state.step < cfg.train.steps and (state.step % cfg.train.checkpoint_every == 0 or signum):
                     self.checkpoint(live, opt, sched)
+                    if signum:
+                        raise preempt.Preempted(signum, self._global_step())
         finally:
             refresher.close()
         self.checkpoint(live, opt, sched)

@@ -1,7 +1,12 @@
-"""Checkpoint/resume equality with inline refresh: a run stopped at step S and resumed to N logs the same per-step
-losses after S as an uninterrupted run to N, and ends with the same weights."""
+"""Checkpoint/resume equality with inline refresh: a run stopped at step S (by --steps, or preempted by SIGUSR1) and
+resumed to N logs the same per-step losses after S as an uninterrupted run to N, and ends with the same weights."""
 
 import json
+import os
+import signal
+import subprocess
+import sys
+import time
 
 import pytest
 import torch
@@ -9,6 +14,7 @@ import torch
 from realm_hpc.checkpoint import load_checkpoint
 from realm_hpc.cli import main
 from realm_hpc.metrics import read_metrics
+from realm_hpc.preempt import EXIT_PREEMPTED
 
 N, S = 12, 6
 COMMON = ["--recipe", "tiny",
@@ -71,3 +77,54 @@ def test_resumed_run_ends_with_the_same_weights_and_summary(runs):
     for key in ("steps", "ict_steps", "index_versions", "max_staleness_steps", "recall_at_8_start",
                 "recall_at_8_after_ict", "recall_at_8", "mlm_acc_retrieval"):
         assert sb[key] == pytest.approx(sa[key], abs=1e-6), key
+
+
+# -- preemption: SIGUSR1 -> checkpoint at the next step boundary, exit EXIT_PREEMPTED, --resume continues ---------
+def _wait_for_first_realm_row(run_dir, proc, timeout_s=180.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            pytest.fail(f"pretraining exited ({proc.returncode}) before it was signalled:\n{proc.stderr.read()}")
+        if (run_dir / "metrics.jsonl").exists() and _losses(run_dir):
+            return
+        time.sleep(0.05)
+    proc.kill()
+    pytest.fail(f"no REALM step logged within {timeout_s} s")
+
+
+@pytest.fixture(scope="module")
+def preempted(runs, tmp_path_factory):
+    """A run to N signalled (SIGUSR1, from outside, as Slurm does) right after its first REALM step, then resumed."""
+    c = tmp_path_factory.mktemp("preempt") / "c"
+    proc = subprocess.Popen([sys.executable, "-m", "realm_hpc", "pretrain", "--out", str(c), "--steps", str(N),
+                             *COMMON], env={**os.environ, "TQDM_DISABLE": "1"}, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True)
+    _wait_for_first_realm_row(c, proc)
+    proc.send_signal(signal.SIGUSR1)
+    _, stderr = proc.communicate(timeout=180)
+    stopped = {"returncode": proc.returncode, "stderr": stderr, "losses": _losses(c),
+               "checkpoint": load_checkpoint(c / "checkpoint")["run_state"]}
+    main(["pretrain", "--out", str(c), "--resume"])
+    return runs[0], c, stopped
+
+
+def test_signal_checkpoints_at_the_next_step_boundary_and_exits_preempted(preempted):
+    _, _, stopped = preempted
+    assert stopped["returncode"] == EXIT_PREEMPTED, stopped["stderr"][-2000:]
+    last_logged = max(stopped["losses"])
+    ict_steps = 6
+    # The checkpoint holds exactly the logged steps: the step in flight finished, no later step ran.
+    assert stopped["checkpoint"]["step"] == last_logged - ict_steps
+    assert 1 <= stopped["checkpoint"]["step"] < N
+    assert f"preempted by SIGUSR1 at step {last_logged}: checkpoint written" in stopped["stderr"]
+
+
+def test_resume_after_preemption_gives_the_uninterrupted_losses(preempted):
+    a, c, stopped = preempted
+    la, lc = _losses(a), _losses(c)
+    assert sorted(lc) == sorted(la)  # every step logged once
+    assert any(s > max(stopped["losses"]) for s in lc)
+    for s in sorted(la):
+        assert lc[s] == pytest.approx(la[s], abs=1e-5), f"step {s}: resumed {lc[s]} vs uninterrupted {la[s]}"
+    assert _versions(c) == _versions(a)
+    assert load_checkpoint(c / "checkpoint")["run_state"]["step"] == N

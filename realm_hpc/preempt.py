@@ -1,0 +1,56 @@
+"""Preemption: SIGUSR1 / SIGTERM ask the run to checkpoint at the next step boundary and exit with EXIT_PREEMPTED.
+
+Slurm sends the warning signal (`#SBATCH --signal=B:USR1@120`) or SIGTERM (scancel, preemption, time limit; SIGKILL
+follows after KillWait). A handler only sets a flag: checkpointing inside a signal handler could interrupt a
+half-done optimizer step. The pretraining loop polls `requested()` between steps, saves its checkpoint and raises
+`Preempted`; the CLI turns that into exit status EXIT_PREEMPTED, which slurm/*.sbatch read as "requeue me".
+"""
+
+from __future__ import annotations
+
+import signal
+import sys
+from contextlib import contextmanager
+
+# sysexits.h EX_TEMPFAIL: "a temporary failure; the user is invited to retry". Distinct from 0 (done), 1 (error),
+# 2 (bad input) and from 128 + N (killed by signal N), so a job script can tell "requeue me" from a failure.
+EXIT_PREEMPTED = 75
+SIGNALS = (signal.SIGUSR1, signal.SIGTERM)
+
+_received: int | None = None
+
+
+class Preempted(Exception):
+    """Raised by the training loop after it wrote its checkpoint because a preemption signal arrived."""
+
+    def __init__(self, signum: int, step: int, checkpointed: bool = True):
+        self.signum, self.step, self.checkpointed = signum, step, checkpointed
+        name = signal.Signals(signum).name
+        saved = "checkpoint written" if checkpointed else "no checkpoint in this phase (it restarts on --resume)"
+        super().__init__(f"preempted by {name} at step {step}: {saved}")
+
+
+def requested() -> int | None:
+    """The signal number that asked for preemption, or None."""
+    return _received
+
+
+def _handler(signum, frame) -> None:
+    global _received
+    if _received is None:
+        print(f"received {signal.Signals(signum).name}: checkpointing at the next step boundary", file=sys.stderr,
+              flush=True)
+    _received = signum
+
+
+@contextmanager
+def handlers(signals=SIGNALS):
+    """Install the flag-setting handlers (main thread only) for the duration of the block; restore the old ones."""
+    global _received
+    _received = None
+    old = {s: signal.signal(s, _handler) for s in signals}
+    try:
+        yield
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)
