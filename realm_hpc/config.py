@@ -101,6 +101,30 @@ class EvalConfig:
 
 
 @dataclass(kw_only=True)
+class QAConfig:
+    """Open-QA fine-tuning (realm-hpc finetune): the doc encoder and index stay fixed, query encoder + reader train."""
+    pretrained: str = ""  # the pretraining run directory the fine-tune starts from (set by --pretrained)
+    train: str = ""  # .qa.csv / .jsonl files; empty = questions generated from the embedded fact world
+    dev: str = ""
+    test: str = ""
+    dev_fraction: float = 0.1  # generated questions: share of facts for dev, and for test (facts never shared)
+    test_fraction: float = 0.1
+    phrasings_per_fact: int = 1
+    k: int = 5
+    max_span_len: int = 5  # answer spans of at most this many tokens
+    steps: int = 1000
+    batch_size: int = 16
+    lr: float = 1e-4
+    retriever_lr_scale: float = 1.0
+    warmup_steps: int = 20
+    retriever_init: str = "pretrained"  # pretrained | random: the ablation that fine-tunes an untrained retriever
+    closed_book_baseline: bool = True  # also fine-tune the reader alone (no retrieval) with the same budget
+    eval_every: int = 200
+    eval_examples: int = 0  # dev questions scored during training (0 = all)
+    seed: int = 0
+
+
+@dataclass(kw_only=True)
 class Config:
     recipe: str = "custom"
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -111,6 +135,7 @@ class Config:
     ict: ICTConfig = field(default_factory=ICTConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    qa: QAConfig = field(default_factory=QAConfig)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -124,6 +149,11 @@ class Config:
             (self.train.batch_size >= 1, "train.batch_size must be >= 1"),
             (0.0 <= self.data.world_alias_rate <= 1.0, "data.world_alias_rate must be in [0, 1]"),
             (self.model.query_len < self.model.reader_len, "model.query_len must be < model.reader_len"),
+            (self.qa.k >= 1, "qa.k must be >= 1"),
+            (self.qa.max_span_len >= 1, "qa.max_span_len must be >= 1"),
+            (self.qa.retriever_init in ("pretrained", "random"), "qa.retriever_init must be 'pretrained' or 'random'"),
+            (0.0 <= self.qa.dev_fraction and 0.0 <= self.qa.test_fraction
+             and self.qa.dev_fraction + self.qa.test_fraction < 1.0, "qa.dev_fraction + qa.test_fraction must be < 1"),
         ]
         for ok, message in checks:
             if not ok:
