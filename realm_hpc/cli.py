@@ -194,7 +194,8 @@ def cmd_finetune(args) -> None:
         cfg = apply_overrides(load_config(str(out / "config.json")), args.set)
     else:
         if args.recipe not in FINETUNE_RECIPES:
-            raise ConfigError(f"finetune: unknown recipe '{args.recipe}' (known: {', '.join(sorted(FINETUNE_RECIPES))})")
+            known = ", ".join(sorted(FINETUNE_RECIPES))
+            raise ConfigError(f"finetune: unknown recipe '{args.recipe}' (known: {known})")
         if not args.pretrained:
             raise ConfigError("finetune: --pretrained RUN_DIR is required")
         pre = Path(args.pretrained) / "config.json"

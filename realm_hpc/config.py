@@ -121,6 +121,8 @@ class QAConfig:
     closed_book_baseline: bool = True  # also fine-tune the reader alone (no retrieval) with the same budget
     eval_every: int = 200
     eval_examples: int = 0  # dev questions scored during training (0 = all)
+    log_every: int = 10
+    checkpoint_every: int = 200
     seed: int = 0
 
 
@@ -151,6 +153,8 @@ class Config:
             (self.model.query_len < self.model.reader_len, "model.query_len must be < model.reader_len"),
             (self.qa.k >= 1, "qa.k must be >= 1"),
             (self.qa.max_span_len >= 1, "qa.max_span_len must be >= 1"),
+            (min(self.qa.batch_size, self.qa.log_every, self.qa.eval_every, self.qa.checkpoint_every) >= 1,
+             "qa.batch_size, qa.log_every, qa.eval_every and qa.checkpoint_every must be >= 1"),
             (self.qa.retriever_init in ("pretrained", "random"), "qa.retriever_init must be 'pretrained' or 'random'"),
             (0.0 <= self.qa.dev_fraction and 0.0 <= self.qa.test_fraction
              and self.qa.dev_fraction + self.qa.test_fraction < 1.0, "qa.dev_fraction + qa.test_fraction must be < 1"),

@@ -126,7 +126,8 @@ def evaluate_closed_book(reader: Reader, ctx: QAContext, examples: list[QAExampl
     rows = []
     for start in range(0, len(examples), batch_size):
         chunk = examples[start:start + batch_size]
-        inp = ctx.inputs.closed_book_batch(ctx.inputs.question_tokens(ctx.inputs.questions([e.question for e in chunk])))
+        q_tokens = ctx.inputs.question_tokens(ctx.inputs.questions([e.question for e in chunk]))
+        inp = ctx.inputs.closed_book_batch(q_tokens)
         logp = reader.token_logprobs(inp["input_ids"], inp["attention_mask"], inp["token_type_ids"],
                                      inp["positions"], inp["doc_mask"])
         for e, predicted in zip(chunk, logp.argmax(-1).tolist()):
@@ -172,10 +173,10 @@ class Finetuner:
     def run(self) -> dict:
         cfg, out = self.cfg, self.out
         t0 = time.perf_counter()
+        splits = self._questions()  # first: a malformed QA file stops the run before any encoding
         torch.manual_seed(cfg.qa.seed)
         pre_model, vocab_size = self._pretrained_model()
         ctx = self.ctx = self._context(pre_model, vocab_size)
-        splits = self._questions()
         model = QAModel(cfg, vocab_size)
         model.query.load_state_dict(pre_model.retriever.query.state_dict())
         model.reader.bert.load_state_dict(pre_model.reader.mlm.bert.state_dict())
@@ -280,7 +281,7 @@ class Finetuner:
             bar.set_postfix(loss=f"{loss.item():.3f}")
             done = step + 1
             row = {}
-            if done % cfg.train.log_every == 0:
+            if done % qa.log_every == 0:
                 row.update(loss=sum(w[0] for w in window) / len(window), answerable=sum(w[1] for w in window) /
                            len(window), lr=sched.get_last_lr()[0])
                 window = []
@@ -289,7 +290,7 @@ class Finetuner:
                 row.update(dev_em=m["em"], **{f"dev_{key}": v for key, v in m.items() if key.startswith("recall")})
             if row:
                 log.log(done, phase="finetune", **row)
-            if done % cfg.train.checkpoint_every == 0 or done == qa.steps:
+            if done % qa.checkpoint_every == 0 or done == qa.steps:
                 save_checkpoint(self.out / "checkpoint", {"model": model.state_dict(), "optimizer": opt.state_dict(),
                                                           "scheduler": sched.state_dict(), "step": done,
                                                           "rng": rng_state()})

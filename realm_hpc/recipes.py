@@ -46,7 +46,7 @@ def qa_demo() -> Config:
 def qa_tiny() -> Config:
     """For tests: a fine-tune of seconds after a `tiny` pretraining."""
     cfg = Config(recipe="qa-tiny")
-    cfg.qa.steps, cfg.qa.eval_every, cfg.qa.eval_examples = 150, 50, 100
+    cfg.qa.steps, cfg.qa.eval_every, cfg.qa.eval_examples = 100, 50, 60
     cfg.qa.lr = 1e-3
     cfg.qa.dev_fraction, cfg.qa.test_fraction = 0.15, 0.15
     return cfg

@@ -46,7 +46,8 @@ def exact_match(prediction: str, answers: Iterable[str]) -> bool:
 # -- readers -------------------------------------------------------------------------------------------------------
 def _answers(path: Path, lineno: int, value) -> tuple[str, ...]:
     if not isinstance(value, (list, tuple)) or not value or not all(isinstance(a, str) for a in value):
-        raise CorpusFormatError(path, lineno, f"answers must be a non-empty list of strings, got {_snippet(str(value))}")
+        got = _snippet(repr(value))
+        raise CorpusFormatError(path, lineno, f"answers must be a non-empty list of strings, got {got}")
     if not any(normalize_answer(a) for a in value):
         raise CorpusFormatError(path, lineno, "every answer is empty after normalisation")
     return tuple(value)

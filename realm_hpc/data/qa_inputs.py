@@ -2,8 +2,9 @@
 a gold answer after SQuAD/DPR normalisation.
 
 A candidate span covers 1..max_len tokens of the block (title or text), starts at a word start and ends at a word
-end (never inside a `##` piece), and does not normalise to the empty string. Each block's candidates and their
-normalised strings are computed once and cached: matching a question's answers is then a set lookup per span.
+end (never inside a `##` piece), neither starts nor ends on a token that normalisation drops (punctuation, a/an/the:
+"the Paris ." would only duplicate "Paris"). Each block's candidates and their normalised strings are computed once
+and cached: matching a question's answers is then a set lookup per span.
 """
 
 from __future__ import annotations
@@ -77,15 +78,16 @@ class QAInputs:
         n = len(toks)
         special = np.array([int(t) in self._special for t in toks])
         cont = np.array([self._pieces[int(t)].startswith("##") for t in toks])
+        dropped = np.array([not normalize_answer(self._pieces[int(t)]) for t in toks])
         starts, ends, norm = [], [], []
         for i in range(n):
-            if special[i] or cont[i]:
+            if special[i] or cont[i] or dropped[i]:
                 continue
             for j in range(i, min(n, i + self.max_span_len)):
                 if special[j]:
                     break
-                if j + 1 < n and cont[j + 1]:
-                    continue  # a span ends at a word end
+                if (j + 1 < n and cont[j + 1]) or dropped[j]:
+                    continue  # a span ends at a word end, on a word
                 text = normalize_answer(self.span_text(toks[i:j + 1]))
                 if text:
                     starts.append(i), ends.append(j), norm.append(text)
