@@ -11,6 +11,8 @@ fill `[CLS] q [SEP] [MASK]*5 [SEP]` with the answer's tokens and an end marker: 
 
 from __future__ import annotations
 
+import functools
+import json
 import math
 import time
 from dataclasses import dataclass
@@ -18,7 +20,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
@@ -34,7 +35,7 @@ from realm_hpc.dist import print0
 from realm_hpc.metrics import MetricsLogger
 from realm_hpc.models.encoders import Encoder, Retriever
 from realm_hpc.models.reader import Reader
-from realm_hpc.models.span_reader import qa_marginal_loss, span_log_softmax, SpanReader
+from realm_hpc.models.span_reader import SpanReader, qa_marginal_loss, span_log_softmax
 
 
 class QAModel(nn.Module):
@@ -76,13 +77,14 @@ def _pretrained_data(cfg: Config) -> tuple:
     return tokenizer, blocks
 
 
+@functools.lru_cache(maxsize=2)
+def _epoch_order(n: int, seed: int, epoch: int) -> np.ndarray:
+    return np.random.default_rng((seed, 3, epoch)).permutation(n)
+
+
 def _batch_indices(n: int, step: int, batch_size: int, seed: int) -> list[int]:
     """The examples of a step: a function of (seed, step) alone, so a resumed run sees the same batches."""
-    out = []
-    for c in range(step * batch_size, (step + 1) * batch_size):
-        epoch, pos = divmod(c, n)
-        out.append(int(np.random.default_rng((seed, 3, epoch)).permutation(n)[pos]))
-    return out
+    return [int(_epoch_order(n, seed, c // n)[c % n]) for c in range(step * batch_size, (step + 1) * batch_size)]
 
 
 # -- evaluation ------------------------------------------------------------------------------------------------------
@@ -147,8 +149,6 @@ def _metrics(rows: list[dict], k: int | None) -> dict:
 
 
 def write_predictions(rows: list[dict], path: Path) -> Path:
-    import json
-
     with atomic_file(path) as f:
         for r in rows:
             f.write(json.dumps(r, ensure_ascii=False) + "\n")
