@@ -107,6 +107,7 @@ class QAConfig:
     train: str = ""  # .qa.csv / .jsonl files; empty = questions generated from the embedded fact world
     dev: str = ""
     test: str = ""
+    corpus: str = ""  # DPR .tsv / .jsonl to retrieve from instead of the pretraining corpus (the swap is supported)
     dev_fraction: float = 0.1  # generated questions: share of facts for dev, and for test (facts never shared)
     test_fraction: float = 0.1
     phrasings_per_fact: int = 1

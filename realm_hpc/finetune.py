@@ -17,6 +17,7 @@ import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import torch
@@ -27,7 +28,7 @@ import kernels
 from realm_hpc.checkpoint import atomic_write_json, load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from realm_hpc.config import Config, ConfigError, load_config
 from realm_hpc.data.blocks import BlockStore
-from realm_hpc.data.corpus import atomic_file
+from realm_hpc.data.corpus import atomic_file, read_corpus
 from realm_hpc.data.qa import QAExample, exact_match, normalize_answer, read_qa, world_questions, write_qa_jsonl
 from realm_hpc.data.qa_inputs import QAInputs
 from realm_hpc.data.tokenizer import load_tokenizer
@@ -70,11 +71,13 @@ class QAContext:
     vocab_size: int
 
 
-def _pretrained_data(cfg: Config) -> tuple:
-    run = Path(cfg.qa.pretrained)
-    tokenizer = load_tokenizer(cfg.model.pretrained or run / "data" / "tokenizer")
-    blocks = BlockStore.open(run / "data" / "blocks")
-    return tokenizer, blocks
+def _retrieval_data(cfg: Config, run_dir: Path) -> tuple:
+    """The pretrained run's tokenizer, and the blocks the fine-tune retrieves from: the pretraining corpus, or the
+    `qa.corpus` a fine-tune swapped in (tokenized into run_dir/data/blocks)."""
+    pre = Path(cfg.qa.pretrained)
+    tokenizer = load_tokenizer(cfg.model.pretrained or pre / "data" / "tokenizer")
+    blocks_dir = run_dir / "data" / "blocks" if cfg.qa.corpus else pre / "data" / "blocks"
+    return tokenizer, BlockStore.open(blocks_dir)
 
 
 @functools.lru_cache(maxsize=2)
@@ -215,14 +218,17 @@ class Finetuner:
     def _context(self, pre_model, vocab_size: int) -> QAContext:
         from realm_hpc.retrieval.store import SavedIndex, build_index
 
-        index_dir = self.out / "index"
-        if not (self.resume and (index_dir / "meta.json").exists()):
-            build_index(pre_model, self.pre_data, self.cfg, index_dir)  # once: the doc encoder stays fixed
+        cfg, index_dir = self.cfg, self.out / "index"
+        fresh = not (self.resume and (index_dir / "meta.json").exists())
+        if cfg.qa.corpus and fresh:  # a swapped corpus, tokenized with the pretrained run's tokenizer
+            BlockStore.build(read_corpus(cfg.qa.corpus), self.pre_data.tokenizer, self.out / "data" / "blocks",
+                             max_len=cfg.model.block_len)
+        tokenizer, blocks = _retrieval_data(cfg, self.out)
+        if fresh:  # once: the doc encoder stays fixed
+            build_index(pre_model, SimpleNamespace(blocks=blocks, tokenizer=tokenizer), cfg, index_dir)
         emb = torch.from_numpy(np.array(SavedIndex.open(index_dir).embeddings, dtype=np.float32))
-        m = self.cfg.model
-        inputs = QAInputs(self.pre_data.tokenizer, self.pre_data.blocks, m.reader_len, m.query_len,
-                          self.cfg.qa.max_span_len)
-        return QAContext(self.cfg, inputs, emb, vocab_size)
+        inputs = QAInputs(tokenizer, blocks, cfg.model.reader_len, cfg.model.query_len, cfg.qa.max_span_len)
+        return QAContext(cfg, inputs, emb, vocab_size)
 
     def _questions(self) -> dict[str, list[QAExample]]:
         qa = self.cfg.qa
@@ -333,7 +339,7 @@ def evaluate_run(run_dir: str | Path, qa_file: str | Path) -> dict:
         raise FileNotFoundError(f"{run_dir}: not a fine-tune run (no qa.pretrained in config.json or no index/)")
     from realm_hpc.retrieval.store import SavedIndex
 
-    tokenizer, blocks = _pretrained_data(cfg)
+    tokenizer, blocks = _retrieval_data(cfg, run_dir)
     vocab = len(tokenizer)
     m = cfg.model
     inputs = QAInputs(tokenizer, blocks, m.reader_len, m.query_len, cfg.qa.max_span_len)

@@ -148,3 +148,30 @@ def test_bad_qa_file_stops_with_file_and_line(pretrained, tmp_path, capsys):
               "--set", f"qa.train={bad}"])
     err = capsys.readouterr().err
     assert exit_.value.code == 2 and err.startswith(f"error: {bad}:2: ")
+
+
+def test_swapped_corpus(pretrained, tmp_path, capsys):
+    """qa.corpus: retrieval runs over another corpus, tokenized with the pretrained tokenizer and indexed by the
+    pretrained doc encoder; here the pretraining corpus without its second pages ("About X", "History of X")."""
+    docs = [json.loads(line) for line in (pretrained / "data" / "corpus.jsonl").read_text().splitlines()]
+    kept = [d for d in docs if not d["title"].startswith(("About ", "History of "))]
+    assert 0 < len(kept) < len(docs)
+    corpus = tmp_path / "swapped.jsonl"
+    corpus.write_text("".join(json.dumps(d) + "\n" for d in kept), encoding="utf-8")
+    out = tmp_path / "ft"
+    main(["finetune", "--recipe", "qa-tiny", "--pretrained", str(pretrained), "--out", str(out),
+          "--set", f"qa.corpus={corpus}", "--set", "qa.steps=2", "--set", "qa.closed_book_baseline=false",
+          "--set", "qa.dev_fraction=0.02", "--set", "qa.test_fraction=0.02"])
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["corpus_docs"] == len(kept) == json.loads((out / "index" / "meta.json").read_text())["count"]
+    ids = {d["id"] for d in kept}
+    rows = [json.loads(line) for line in (out / "eval" / "dev.predictions.jsonl").read_text().splitlines()]
+    assert rows and all(set(r["doc_ids"]) <= ids for r in rows)
+
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps(kept[0]) + "\n{not json\n", encoding="utf-8")
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_:
+        main(["finetune", "--recipe", "qa-tiny", "--pretrained", str(pretrained), "--out", str(tmp_path / "ft2"),
+              "--set", f"qa.corpus={bad}"])
+    assert exit_.value.code == 2 and f"{bad}:2: " in capsys.readouterr().err
