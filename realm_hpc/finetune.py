@@ -172,6 +172,11 @@ class Finetuner:
             raise ConfigError("qa.pretrained: the pretraining run to start from is not set (--pretrained RUN_DIR)")
         if not (Path(cfg.qa.pretrained) / "checkpoint").exists():
             raise FileNotFoundError(f"{Path(cfg.qa.pretrained) / 'checkpoint'}: no pretrained checkpoint")
+        pre = load_config(str(Path(cfg.qa.pretrained) / "config.json")).to_dict()
+        changed = [f"{section}.{key}" for section in ("model", "data") for key, value in cfg.to_dict()[section].items()
+                   if pre[section][key] != value]
+        if changed:
+            raise ConfigError(f"{', '.join(changed)}: a fine-tune keeps the pretrained run's model and data settings")
 
     def run(self) -> dict:
         cfg, out = self.cfg, self.out

@@ -131,6 +131,8 @@ def test_finetune_cli_errors(pretrained, tmp_path, capsys):
          "not a run directory"),
         (["finetune", "--recipe", "qa-tiny", "--pretrained", str(pretrained), "--out", str(tmp_path / "x"),
           "--set", "qa.retriever_init=frozen"], "qa.retriever_init"),
+        (["finetune", "--recipe", "qa-tiny", "--pretrained", str(pretrained), "--out", str(tmp_path / "x"),
+          "--set", "model.hidden=32"], "model.hidden: a fine-tune keeps"),
         (["evaluate", "--qa", str(tmp_path / "q.jsonl"), "--run", str(pretrained)], "not a fine-tune run"),
     ]
     for argv, needle in cases:
