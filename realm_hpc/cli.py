@@ -30,8 +30,16 @@ def _parser() -> argparse.ArgumentParser:
     pre.add_argument("--refreshers", type=int, default=1,
                      help="with refresh.mode=mpi: the last M MPI ranks re-encode the corpus, a shard each")
 
-    ev = sub.add_parser("evaluate", help="recall@k and MLM accuracy of a run's checkpoint")
+    ft = sub.add_parser("finetune", help="Open-QA fine-tune of a pretrained run (fixed index; query encoder + reader)")
+    ft.add_argument("--recipe", default="qa-demo", help="qa-demo | qa-tiny (only its qa section is used)")
+    ft.add_argument("--pretrained", help="the pretraining run directory (not needed with --resume)")
+    ft.add_argument("--out", required=True, help="fine-tune run directory")
+    ft.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config field")
+    ft.add_argument("--resume", action="store_true", help="continue the fine-tune in --out from its checkpoint")
+
+    ev = sub.add_parser("evaluate", help="recall@k and MLM accuracy of a run's checkpoint; with --qa: Open-QA EM")
     ev.add_argument("--run", required=True)
+    ev.add_argument("--qa", help="a .qa.csv/.jsonl file: exact match and recall@k of a fine-tuned run")
 
     bi = sub.add_parser("build-index", help="encode a corpus with a checkpoint's doc encoder into an index directory")
     bi.add_argument("--run", help="a run directory: its checkpoint and its corpus")
@@ -89,8 +97,8 @@ def main(argv: list[str] | None = None) -> None:
     try:
         # SIGUSR1/SIGTERM -> checkpoint at the next step boundary; other commands keep the default (terminate).
         with preempt.handlers() if args.command in PREEMPTIBLE else nullcontext():
-            {"pretrain": cmd_pretrain, "evaluate": cmd_evaluate, "build-index": cmd_build_index,
-             "retrieve": cmd_retrieve, "bench": cmd_bench}[args.command](args)
+            {"pretrain": cmd_pretrain, "finetune": cmd_finetune, "evaluate": cmd_evaluate,
+             "build-index": cmd_build_index, "retrieve": cmd_retrieve, "bench": cmd_bench}[args.command](args)
     except preempt.Preempted as e:
         # Not an error: a clean exit that job scripts (slurm/*.sbatch) answer with a requeue and --resume.
         print(f"{e}; exit {preempt.EXIT_PREEMPTED}, continue with --resume", file=sys.stderr, flush=True)
@@ -209,8 +217,42 @@ def _load_run(run: str):
     return cfg, data, model
 
 
+def cmd_finetune(args) -> None:
+    from realm_hpc.checkpoint import atomic_write_json
+    from realm_hpc.finetune import Finetuner
+    from realm_hpc.recipes import FINETUNE_RECIPES
+
+    out = Path(args.out)
+    if args.resume and (out / "config.json").exists():
+        cfg = apply_overrides(load_config(str(out / "config.json")), args.set)
+    else:
+        if args.recipe not in FINETUNE_RECIPES:
+            known = ", ".join(sorted(FINETUNE_RECIPES))
+            raise ConfigError(f"finetune: unknown recipe '{args.recipe}' (known: {known})")
+        if not args.pretrained:
+            raise ConfigError("finetune: --pretrained RUN_DIR is required")
+        pre = Path(args.pretrained) / "config.json"
+        if not pre.exists():
+            raise FileNotFoundError(f"{pre}: not a run directory (no config.json)")
+        cfg = load_config(str(pre))  # the pretrained run's model and data; the recipe's qa section
+        cfg.recipe, cfg.qa = args.recipe, FINETUNE_RECIPES[args.recipe]().qa
+        cfg.qa.pretrained = str(args.pretrained)
+        cfg = apply_overrides(cfg, args.set)
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(out / "config.json", cfg.to_dict())
+    summary = Finetuner(cfg, out, resume=args.resume).run()
+    print(format_summary(summary))
+    print(f"wrote {out / 'summary.json'}, {out / 'eval'}/, {out / 'metrics.jsonl'}")
+
+
 def cmd_evaluate(args) -> None:
     from realm_hpc.checkpoint import atomic_write_json
+
+    if args.qa:
+        from realm_hpc.finetune import evaluate_run
+
+        print(format_summary(evaluate_run(args.run, args.qa)))
+        return
     from realm_hpc.evaluate import mlm_accuracy, recall_at_k
     from realm_hpc.train import fresh_index
 

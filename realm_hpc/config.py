@@ -112,6 +112,33 @@ class EvalConfig:
 
 
 @dataclass(kw_only=True)
+class QAConfig:
+    """Open-QA fine-tuning (realm-hpc finetune): the doc encoder and index stay fixed, query encoder + reader train."""
+    pretrained: str = ""  # the pretraining run directory the fine-tune starts from (set by --pretrained)
+    train: str = ""  # .qa.csv / .jsonl files; empty = questions generated from the embedded fact world
+    dev: str = ""
+    test: str = ""
+    corpus: str = ""  # DPR .tsv / .jsonl to retrieve from instead of the pretraining corpus (the swap is supported)
+    dev_fraction: float = 0.1  # generated questions: share of facts for dev, and for test (facts never shared)
+    test_fraction: float = 0.1
+    phrasings_per_fact: int = 1
+    k: int = 5
+    max_span_len: int = 5  # answer spans of at most this many tokens
+    steps: int = 1000
+    batch_size: int = 16
+    lr: float = 1e-4
+    retriever_lr_scale: float = 1.0
+    warmup_steps: int = 20
+    retriever_init: str = "pretrained"  # pretrained | random: the ablation that fine-tunes an untrained retriever
+    closed_book_baseline: bool = True  # also fine-tune the reader alone (no retrieval) with the same budget
+    eval_every: int = 200
+    eval_examples: int = 0  # dev questions scored during training (0 = all)
+    log_every: int = 10
+    checkpoint_every: int = 200
+    seed: int = 0
+
+
+@dataclass(kw_only=True)
 class Config:
     recipe: str = "custom"
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -123,6 +150,7 @@ class Config:
     ict: ICTConfig = field(default_factory=ICTConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    qa: QAConfig = field(default_factory=QAConfig)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -141,6 +169,13 @@ class Config:
             (self.index.dtype in ("fp32", "fp16", "bf16"), "index.dtype must be 'fp32', 'fp16' or 'bf16'"),
             (min(self.index.nlist, self.index.m, self.index.nprobe) >= 0 and self.index.k_factor >= 1,
              "index.nlist, index.m, index.nprobe must be >= 0 and index.k_factor >= 1"),
+            (self.qa.k >= 1, "qa.k must be >= 1"),
+            (self.qa.max_span_len >= 1, "qa.max_span_len must be >= 1"),
+            (min(self.qa.batch_size, self.qa.log_every, self.qa.eval_every, self.qa.checkpoint_every) >= 1,
+             "qa.batch_size, qa.log_every, qa.eval_every and qa.checkpoint_every must be >= 1"),
+            (self.qa.retriever_init in ("pretrained", "random"), "qa.retriever_init must be 'pretrained' or 'random'"),
+            (0.0 <= self.qa.dev_fraction and 0.0 <= self.qa.test_fraction
+             and self.qa.dev_fraction + self.qa.test_fraction < 1.0, "qa.dev_fraction + qa.test_fraction must be < 1"),
         ]
         for ok, message in checks:
             if not ok:

@@ -34,7 +34,26 @@ def tiny() -> Config:
     return cfg
 
 
+def qa_demo() -> Config:
+    """Open-QA fine-tune after `demo` (realm-hpc finetune --pretrained runs/demo): only the qa section is read;
+    the model and data sections are the pretrained run's."""
+    cfg = Config(recipe="qa-demo")
+    cfg.qa.steps, cfg.qa.eval_every, cfg.qa.eval_examples = 600, 200, 300
+    cfg.qa.lr = 5e-4
+    return cfg
+
+
+def qa_tiny() -> Config:
+    """For tests: a fine-tune of seconds after a `tiny` pretraining."""
+    cfg = Config(recipe="qa-tiny")
+    cfg.qa.steps, cfg.qa.eval_every, cfg.qa.eval_examples = 100, 50, 60
+    cfg.qa.lr = 1e-3
+    cfg.qa.dev_fraction, cfg.qa.test_fraction = 0.15, 0.15
+    return cfg
+
+
 RECIPES = {"demo": demo, "tiny": tiny}
+FINETUNE_RECIPES = {"qa-demo": qa_demo, "qa-tiny": qa_tiny}  # `realm-hpc finetune --recipe`
 
 
 def get_recipe(name: str) -> Config:

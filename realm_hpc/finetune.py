@@ -1,0 +1,366 @@
+"""Open-QA fine-tuning and evaluation (REALM §3.4): retrieve the top-k blocks for a question from an index that
+stays fixed, read every candidate answer span of each, and maximise the probability of the gold answer summed over
+the retrieved blocks and over every span that matches it.
+
+As in REALM and ORQA, the document encoder and its index are frozen (built once from the pretrained doc encoder);
+the query encoder and the span reader (initialised from the pretrained reader's BERT body) are trained.
+The closed-book baseline is the pretrained MLM reader fine-tuned with the same steps, batch and learning rate to
+fill `[CLS] q [SEP] [MASK]*5 [SEP]` with the answer's tokens and an end marker: a reader that has no documents.
+(The span reader alone on `[CLS] q [SEP]` could only ever point into the question, i.e. score 0 by construction.)
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm import tqdm
+
+import kernels
+from realm_hpc.checkpoint import atomic_write_json, load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from realm_hpc.config import Config, ConfigError, load_config
+from realm_hpc.data.blocks import BlockStore
+from realm_hpc.data.corpus import atomic_file, read_corpus
+from realm_hpc.data.qa import QAExample, exact_match, normalize_answer, read_qa, world_questions, write_qa_jsonl
+from realm_hpc.data.qa_inputs import QAInputs
+from realm_hpc.data.tokenizer import load_tokenizer
+from realm_hpc.dist import print0
+from realm_hpc.metrics import MetricsLogger
+from realm_hpc.models.encoders import Encoder, Retriever
+from realm_hpc.models.reader import Reader
+from realm_hpc.models.span_reader import SpanReader, qa_marginal_loss, span_log_softmax
+
+
+class QAModel(nn.Module):
+    """The trained half of Open-QA: the query encoder f(q) and the span reader."""
+
+    def __init__(self, cfg: Config, vocab_size: int):
+        super().__init__()
+        m = cfg.model
+        self.query = Encoder(m, vocab_size, max(m.query_len, m.block_len))
+        self.reader = SpanReader(m, vocab_size)
+
+    def retrieve(self, enc: dict, index: torch.Tensor, k: int):
+        """Top-k block ids from the fixed index, and their scores f(q)·g(z) with gradients to f."""
+        q = self.query(enc["input_ids"], enc["attention_mask"])
+        _, ids = kernels.ip_topk(q.detach(), index, k)
+        return torch.einsum("bp,bkp->bk", q, index[ids].to(q.dtype)), ids
+
+    def read(self, inputs: QAInputs, q_tokens, ids: torch.Tensor, answers: list[set[str]]):
+        """Span log-probs [B, K, S] per block, the reader batch (for matches and decoding)."""
+        rb = inputs.reader_batch(q_tokens, ids, answers)
+        scores = self.reader(rb.input_ids, rb.attention_mask, rb.token_type_ids, rb.starts, rb.ends, rb.valid)
+        B, K = ids.shape
+        return span_log_softmax(scores, rb.valid).view(B, K, -1), rb
+
+
+@dataclass
+class QAContext:
+    """What the fine-tune and `evaluate --qa` share: the pretrained run's tokenizer and blocks, the fixed index."""
+    cfg: Config
+    inputs: QAInputs
+    index: torch.Tensor  # [N, P] float32 g(z), fixed
+    vocab_size: int
+
+
+def _retrieval_data(cfg: Config, run_dir: Path) -> tuple:
+    """The pretrained run's tokenizer, and the blocks the fine-tune retrieves from: the pretraining corpus, or the
+    `qa.corpus` a fine-tune swapped in (tokenized into run_dir/data/blocks)."""
+    pre = Path(cfg.qa.pretrained)
+    tokenizer = load_tokenizer(cfg.model.pretrained or pre / "data" / "tokenizer")
+    blocks_dir = run_dir / "data" / "blocks" if cfg.qa.corpus else pre / "data" / "blocks"
+    return tokenizer, BlockStore.open(blocks_dir)
+
+
+@functools.lru_cache(maxsize=2)
+def _epoch_order(n: int, seed: int, epoch: int) -> np.ndarray:
+    return np.random.default_rng((seed, 3, epoch)).permutation(n)
+
+
+def _batch_indices(n: int, step: int, batch_size: int, seed: int) -> list[int]:
+    """The examples of a step: a function of (seed, step) alone, so a resumed run sees the same batches."""
+    return [int(_epoch_order(n, seed, c // n)[c % n]) for c in range(step * batch_size, (step + 1) * batch_size)]
+
+
+# -- evaluation ------------------------------------------------------------------------------------------------------
+@torch.no_grad()
+def evaluate_open_book(model: QAModel, ctx: QAContext, examples: list[QAExample], batch_size: int = 16):
+    """Prediction = argmax over the top-k blocks' spans of log p(z|q) + log p(span|z,q). Returns (rows, metrics):
+    normalised exact match and recall@k (a top-k block holds a span equal to a normalised gold answer)."""
+    was = model.training
+    model.eval()
+    k, rows = ctx.cfg.qa.k, []
+    for start in range(0, len(examples), batch_size):
+        chunk = examples[start:start + batch_size]
+        enc = ctx.inputs.questions([e.question for e in chunk])
+        gold = [{normalize_answer(a) for a in e.answers} for e in chunk]
+        scores, ids = model.retrieve(enc, ctx.index, k)
+        span_logp, rb = model.read(ctx.inputs, ctx.inputs.question_tokens(enc), ids, gold)
+        joint = torch.log_softmax(scores.float(), dim=1).unsqueeze(-1) + span_logp  # [B, K, S]
+        best = joint.flatten(1).argmax(dim=1)
+        S = span_logp.size(-1)
+        for b, e in enumerate(chunk):
+            kk, s = divmod(int(best[b]), S)
+            block = int(ids[b, kk])
+            if torch.isfinite(joint[b, kk, s]):
+                a, z = rb.span_tokens[b * k + kk][s]
+                prediction = ctx.inputs.decode(block, a, z)
+            else:  # no candidate span in any retrieved block
+                prediction = ""
+            hit = bool(rb.match[b * k:(b + 1) * k].any())
+            rows.append({"question": e.question, "answers": list(e.answers), "prediction": prediction,
+                         "em": exact_match(prediction, e.answers), "answer_in_top_k": hit,
+                         "doc_ids": [ctx.inputs.blocks.doc_id(i) for i in ids[b].tolist()],
+                         "retrieval_scores": [round(float(x), 4) for x in scores[b]]})
+    model.train(was)
+    return rows, _metrics(rows, k)
+
+
+@torch.no_grad()
+def evaluate_closed_book(reader: Reader, ctx: QAContext, examples: list[QAExample], batch_size: int = 32):
+    was = reader.training
+    reader.eval()
+    rows = []
+    for start in range(0, len(examples), batch_size):
+        chunk = examples[start:start + batch_size]
+        q_tokens = ctx.inputs.question_tokens(ctx.inputs.questions([e.question for e in chunk]))
+        inp = ctx.inputs.closed_book_batch(q_tokens)
+        logp = reader.token_logprobs(inp["input_ids"], inp["attention_mask"], inp["token_type_ids"],
+                                     inp["positions"], inp["doc_mask"])
+        for e, predicted in zip(chunk, logp.argmax(-1).tolist()):
+            prediction = ctx.inputs.closed_book_answer(predicted)
+            rows.append({"question": e.question, "answers": list(e.answers), "prediction": prediction,
+                         "em": exact_match(prediction, e.answers)})
+    reader.train(was)
+    return rows, _metrics(rows, None)
+
+
+def _metrics(rows: list[dict], k: int | None) -> dict:
+    n = len(rows)
+    out = {"em": sum(r["em"] for r in rows) / n if n else float("nan"), "questions": n}
+    if k is not None:
+        out[f"recall_at_{k}"] = sum(r["answer_in_top_k"] for r in rows) / n if n else float("nan")
+    return out
+
+
+def write_predictions(rows: list[dict], path: Path) -> Path:
+    with atomic_file(path) as f:
+        for r in rows:
+            f.write(json.dumps(r, ensure_ascii=False) + "\n")
+    return path
+
+
+# -- fine-tuning -------------------------------------------------------------------------------------------------
+def _optimizer(groups: list[dict], cfg: Config):
+    opt = torch.optim.AdamW(groups, weight_decay=cfg.optim.weight_decay)
+    warm = max(1, cfg.qa.warmup_steps)
+    return opt, torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warm))
+
+
+class Finetuner:
+    def __init__(self, cfg: Config, out: str | Path, resume: bool = False):
+        self.cfg, self.out, self.resume = cfg, Path(out), resume
+        if not cfg.qa.pretrained:
+            raise ConfigError("qa.pretrained: the pretraining run to start from is not set (--pretrained RUN_DIR)")
+        if not (Path(cfg.qa.pretrained) / "checkpoint").exists():
+            raise FileNotFoundError(f"{Path(cfg.qa.pretrained) / 'checkpoint'}: no pretrained checkpoint")
+        pre = load_config(str(Path(cfg.qa.pretrained) / "config.json")).to_dict()
+        changed = [f"{section}.{key}" for section in ("model", "data") for key, value in cfg.to_dict()[section].items()
+                   if pre[section][key] != value]
+        if changed:
+            raise ConfigError(f"{', '.join(changed)}: a fine-tune keeps the pretrained run's model and data settings")
+
+    def run(self) -> dict:
+        cfg, out = self.cfg, self.out
+        t0 = time.perf_counter()
+        splits = self._questions()  # first: a malformed QA file stops the run before any encoding
+        torch.manual_seed(cfg.qa.seed)
+        pre_model, vocab_size = self._pretrained_model()
+        ctx = self.ctx = self._context(pre_model, vocab_size)
+        model = QAModel(cfg, vocab_size)
+        model.query.load_state_dict(pre_model.retriever.query.state_dict())
+        model.reader.bert.load_state_dict(pre_model.reader.mlm.bert.state_dict())
+        summary = {"recipe": cfg.recipe, "pretrained": cfg.qa.pretrained, "retriever_init": cfg.qa.retriever_init,
+                   "k": cfg.qa.k, "steps": cfg.qa.steps, "corpus_docs": len(ctx.inputs.blocks),
+                   **{f"{s}_questions": len(v) for s, v in splits.items()}}
+        with MetricsLogger(out, resume_step=self._resume_step()) as log:
+            self.train(model, splits, log)
+            for split in ("dev", "test"):
+                if splits.get(split):
+                    rows, m = evaluate_open_book(model, ctx, splits[split])
+                    write_predictions(rows, out / "eval" / f"{split}.predictions.jsonl")
+                    summary.update({f"{split}_{key}": v for key, v in m.items() if key != "questions"})
+            if cfg.qa.closed_book_baseline:
+                reader = self.train_closed_book(pre_model, splits["train"])
+                for split in ("dev", "test"):
+                    if splits.get(split):
+                        rows, m = evaluate_closed_book(reader, ctx, splits[split])
+                        write_predictions(rows, out / "eval" / f"{split}.closed_book.predictions.jsonl")
+                        summary[f"{split}_em_closed_book"] = m["em"]
+        summary["wall_s"] = time.perf_counter() - t0
+        atomic_write_json(out / "summary.json", summary)
+        return summary
+
+    # -- set-up ----------------------------------------------------------------------------------------------------
+    def _pretrained_model(self):
+        from realm_hpc.cli import _load_run  # the one loader of a run's config, data and checkpoint
+
+        _, data, model = _load_run(self.cfg.qa.pretrained)
+        self.pre_data = data
+        if self.cfg.qa.retriever_init == "random":  # the ablation: REALM pretraining never touched this retriever
+            torch.manual_seed(self.cfg.qa.seed)
+            model.retriever = Retriever(self.cfg.model, data.vocab_size)
+        return model, data.vocab_size
+
+    def _context(self, pre_model, vocab_size: int) -> QAContext:
+        from realm_hpc.retrieval.store import SavedIndex, build_index
+
+        cfg, index_dir = self.cfg, self.out / "index"
+        fresh = not (self.resume and (index_dir / "meta.json").exists())
+        if cfg.qa.corpus and fresh:  # a swapped corpus, tokenized with the pretrained run's tokenizer
+            BlockStore.build(read_corpus(cfg.qa.corpus), self.pre_data.tokenizer, self.out / "data" / "blocks",
+                             max_len=cfg.model.block_len)
+        tokenizer, blocks = _retrieval_data(cfg, self.out)
+        if fresh:  # once: the doc encoder stays fixed
+            build_index(pre_model, blocks, tokenizer, cfg, index_dir)
+        emb = SavedIndex.open(index_dir).embeddings().float()
+        inputs = QAInputs(tokenizer, blocks, cfg.model.reader_len, cfg.model.query_len, cfg.qa.max_span_len)
+        return QAContext(cfg, inputs, emb, vocab_size)
+
+    def _questions(self) -> dict[str, list[QAExample]]:
+        qa = self.cfg.qa
+        if qa.train:
+            return {s: read_qa(p) for s, p in (("train", qa.train), ("dev", qa.dev), ("test", qa.test)) if p}
+        if self.cfg.data.corpus:
+            raise ConfigError("qa.train: set the QA files; questions are generated only for the embedded fact world")
+        from realm_hpc.data.world import build_world
+
+        d = self.cfg.data
+        world = build_world(people=d.world_people, orgs=d.world_orgs, cities=d.world_cities, surnames=d.world_surnames,
+                            alias_rate=d.world_alias_rate, heldout_facts=d.heldout_facts, seed=d.world_seed)
+        splits = world_questions(world, qa.dev_fraction, qa.test_fraction, qa.seed, qa.phrasings_per_fact)
+        # Written first and read back, so the files on disk are exactly what the run used.
+        return {s: read_qa(write_qa_jsonl(v, self.out / "qa" / f"{s}.jsonl")) for s, v in splits.items()}
+
+    def _resume_step(self) -> int | None:
+        if self.resume and (self.out / "checkpoint").exists():
+            return int(load_checkpoint(self.out / "checkpoint")["step"])
+        return None
+
+    # -- the open-book loop ----------------------------------------------------------------------------------
+    def train(self, model: QAModel, splits: dict, log: MetricsLogger) -> None:
+        cfg, ctx, qa = self.cfg, self.ctx, self.cfg.qa
+        train = splits["train"]
+        opt, sched = _optimizer([{"params": list(model.reader.parameters()), "lr": qa.lr},
+                                 {"params": list(model.query.parameters()), "lr": qa.lr * qa.retriever_lr_scale}], cfg)
+        start = 0
+        if self.resume and (self.out / "checkpoint").exists():
+            ckpt = load_checkpoint(self.out / "checkpoint")
+            model.load_state_dict(ckpt["model"])
+            opt.load_state_dict(ckpt["optimizer"])
+            sched.load_state_dict(ckpt["scheduler"])
+            set_rng_state(ckpt["rng"])
+            start = int(ckpt["step"])
+            print0(f"resuming the fine-tune at step {start}")
+        dev = splits.get("dev", [])[: qa.eval_examples or None]
+        model.train()
+        window: list[tuple[float, float]] = []
+        bar = tqdm(range(start, qa.steps), desc="finetune", leave=False, initial=start, total=qa.steps)
+        for step in bar:
+            chunk = [train[i] for i in _batch_indices(len(train), step, qa.batch_size, qa.seed)]
+            enc = ctx.inputs.questions([e.question for e in chunk])
+            gold = [{normalize_answer(a) for a in e.answers} for e in chunk]
+            scores, ids = model.retrieve(enc, ctx.index, qa.k)
+            span_logp, rb = model.read(ctx.inputs, ctx.inputs.question_tokens(enc), ids, gold)
+            loss, _, used = qa_marginal_loss(scores.float(), span_logp, rb.match.view(span_logp.shape))
+            if not math.isfinite(loss.item()):
+                raise RuntimeError(f"fine-tune loss is {loss.item()} at step {step} (lower qa.lr)")
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
+            opt.step()
+            sched.step()
+            window.append((loss.item(), used.float().mean().item()))
+            bar.set_postfix(loss=f"{loss.item():.3f}")
+            done = step + 1
+            row = {}
+            if done % qa.log_every == 0:
+                row.update(loss=sum(w[0] for w in window) / len(window), answerable=sum(w[1] for w in window) /
+                           len(window), lr=sched.get_last_lr()[0])
+                window = []
+            if dev and (done % qa.eval_every == 0 or done == qa.steps):
+                _, m = evaluate_open_book(model, ctx, dev)
+                row.update(dev_em=m["em"], **{f"dev_{key}": v for key, v in m.items() if key.startswith("recall")})
+            if row:
+                log.log(done, phase="finetune", **row)
+            if done % qa.checkpoint_every == 0 or done == qa.steps:
+                save_checkpoint(self.out / "checkpoint", {"model": model.state_dict(), "optimizer": opt.state_dict(),
+                                                          "scheduler": sched.state_dict(), "step": done,
+                                                          "rng": rng_state()})
+
+    # -- the closed-book baseline ---------------------------------------------------------------------------------
+    def train_closed_book(self, pre_model, train: list[QAExample]) -> Reader:
+        """The pretrained MLM reader, no documents, the same steps/batch/lr: fills [MASK]*m with the answer."""
+        cfg, ctx, qa = self.cfg, self.ctx, self.cfg.qa
+        reader = pre_model.reader
+        ckpt_dir = self.out / "closed_book"
+        if self.resume and ckpt_dir.exists():
+            reader.load_state_dict(load_checkpoint(ckpt_dir)["model"])
+            return reader
+        torch.manual_seed(qa.seed)
+        opt, sched = _optimizer([{"params": list(reader.parameters()), "lr": qa.lr}], cfg)
+        reader.train()
+        for step in tqdm(range(qa.steps), desc="closed-book", leave=False):
+            chunk = [train[i] for i in _batch_indices(len(train), step, qa.batch_size, qa.seed)]
+            q_tokens = ctx.inputs.question_tokens(ctx.inputs.questions([e.question for e in chunk]))
+            inp = ctx.inputs.closed_book_batch(q_tokens, [e.answers[0] for e in chunk])
+            logp = reader.target_logprob(inp["input_ids"], inp["attention_mask"], inp["token_type_ids"],
+                                         inp["positions"], inp["targets"], inp["target_mask"], inp["doc_mask"])
+            loss = -logp.mean()
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(reader.parameters(), cfg.optim.grad_clip)
+            opt.step()
+            sched.step()
+        save_checkpoint(ckpt_dir, {"model": reader.state_dict(), "step": qa.steps})
+        return reader
+
+
+# -- evaluate --qa ---------------------------------------------------------------------------------------------------
+def evaluate_run(run_dir: str | Path, qa_file: str | Path) -> dict:
+    """`realm-hpc evaluate --qa FILE --run DIR`: a fine-tuned run on any QA file; the closed-book reader beside it
+    when the run trained one. Writes DIR/eval/<name>.predictions.jsonl (+ .closed_book) and DIR/eval/<name>.json."""
+    run_dir = Path(run_dir)
+    cfg = load_config(str(run_dir / "config.json"))
+    if not cfg.qa.pretrained or not (run_dir / "index" / "meta.json").exists():
+        raise FileNotFoundError(f"{run_dir}: not a fine-tune run (no qa.pretrained in config.json or no index/)")
+    from realm_hpc.retrieval.store import SavedIndex
+
+    tokenizer, blocks = _retrieval_data(cfg, run_dir)
+    vocab = len(tokenizer)
+    m = cfg.model
+    inputs = QAInputs(tokenizer, blocks, m.reader_len, m.query_len, cfg.qa.max_span_len)
+    emb = SavedIndex.open(run_dir / "index").embeddings().float()
+    ctx = QAContext(cfg, inputs, emb, vocab)
+    model = QAModel(cfg, vocab)
+    model.load_state_dict(load_checkpoint(run_dir / "checkpoint")["model"])
+    examples = read_qa(qa_file)
+    name = Path(qa_file).name.split(".")[0]
+    rows, metrics = evaluate_open_book(model, ctx, examples)
+    write_predictions(rows, run_dir / "eval" / f"{name}.predictions.jsonl")
+    result = {"qa_file": str(qa_file), "k": cfg.qa.k, **metrics}
+    if (run_dir / "closed_book").exists():
+        reader = Reader(cfg.model, vocab)
+        reader.load_state_dict(load_checkpoint(run_dir / "closed_book")["model"])
+        cb_rows, cb = evaluate_closed_book(reader, ctx, examples)
+        write_predictions(cb_rows, run_dir / "eval" / f"{name}.closed_book.predictions.jsonl")
+        result["em_closed_book"] = cb["em"]
+    atomic_write_json(run_dir / "eval" / f"{name}.json", result)
+    return result
