@@ -89,7 +89,7 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
-PREEMPTIBLE = {"pretrain"}
+PREEMPTIBLE = {"pretrain", "finetune"}
 
 
 def main(argv: list[str] | None = None) -> None:

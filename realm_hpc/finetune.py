@@ -24,6 +24,7 @@ from torch import nn
 from tqdm import tqdm
 
 import kernels
+from realm_hpc import preempt
 from realm_hpc.checkpoint import atomic_write_json, load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from realm_hpc.config import Config, ConfigError, load_config
 from realm_hpc.data.blocks import BlockStore
@@ -300,10 +301,13 @@ class Finetuner:
                 row.update(dev_em=m["em"], **{f"dev_{key}": v for key, v in m.items() if key.startswith("recall")})
             if row:
                 log.log(done, phase="finetune", **row)
-            if done % qa.checkpoint_every == 0 or done == qa.steps:
+            signum = preempt.requested()  # SIGUSR1/SIGTERM: checkpoint now, exit 75 (slurm/finetune.sbatch requeues)
+            if done % qa.checkpoint_every == 0 or done == qa.steps or signum:
                 save_checkpoint(self.out / "checkpoint", {"model": model.state_dict(), "optimizer": opt.state_dict(),
                                                           "scheduler": sched.state_dict(), "step": done,
                                                           "rng": rng_state()})
+                if signum and done < qa.steps:
+                    raise preempt.Preempted(signum, done)
 
     # -- the closed-book baseline ---------------------------------------------------------------------------------
     def train_closed_book(self, pre_model, train: list[QAExample]) -> Reader:

@@ -6,11 +6,13 @@ resume ~10 s. The fixtures print their wall time.
 """
 
 import json
+import signal
 import time
 
 import pytest
 import torch
 
+from realm_hpc import preempt
 from realm_hpc.checkpoint import load_checkpoint
 from realm_hpc.cli import main
 from realm_hpc.data.qa import exact_match, normalize_answer, read_qa
@@ -107,14 +109,24 @@ def test_evaluate_qa_on_a_dpr_csv(finetuned, tmp_path, capsys):
     assert "em_closed_book" in capsys.readouterr().out
 
 
-def test_resume_gives_the_same_losses_and_weights(pretrained, tmp_path):
+def test_resume_gives_the_same_losses_and_weights(pretrained, tmp_path, monkeypatch, capsys):
+    """Run b is preempted (SIGUSR1 seen after step 3, as Slurm's warning signal sets it): it checkpoints there,
+    exits EXIT_PREEMPTED, and --resume finishes with the uninterrupted run's losses and weights."""
     common = ["finetune", "--recipe", "qa-tiny", "--pretrained", str(pretrained), "--set", "qa.log_every=1",
-              "--set", "qa.checkpoint_every=3", "--set", "qa.eval_every=1000", "--set", "qa.closed_book_baseline=false",
-              "--set", "qa.dev_fraction=0.02", "--set", "qa.test_fraction=0.02"]
+              "--set", "qa.checkpoint_every=1000", "--set", "qa.eval_every=1000",
+              "--set", "qa.closed_book_baseline=false", "--set", "qa.dev_fraction=0.02", "--set", "qa.test_fraction=0.02",
+              "--set", "qa.steps=6"]
     a, b = tmp_path / "a", tmp_path / "b"
-    main([*common, "--out", str(a), "--set", "qa.steps=6"])
-    main([*common, "--out", str(b), "--set", "qa.steps=3"])
-    main(["finetune", "--out", str(b), "--resume", "--set", "qa.steps=6"])
+    main([*common, "--out", str(a)])
+    polls = iter(range(1, 100))
+    monkeypatch.setattr(preempt, "requested", lambda: signal.SIGUSR1 if next(polls) >= 3 else None)
+    with pytest.raises(SystemExit) as stopped:
+        main([*common, "--out", str(b)])
+    assert stopped.value.code == preempt.EXIT_PREEMPTED
+    assert "preempted by SIGUSR1 at step 3: checkpoint written" in capsys.readouterr().err
+    assert load_checkpoint(b / "checkpoint")["step"] == 3
+    monkeypatch.undo()
+    main(["finetune", "--out", str(b), "--resume"])
     losses = lambda run: {r["step"]: r["loss"] for r in read_metrics(run) if "loss" in r}  # noqa: E731
     assert list(losses(b)) == [1, 2, 3, 4, 5, 6]
     assert losses(a) == pytest.approx(losses(b), abs=1e-6)
