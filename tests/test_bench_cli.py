@@ -17,7 +17,7 @@ ARGS = ["bench", "retrieval", "--quick", "--n", "3000", "--dim", "32", "--batch-
 META_KEYS = {"machine", "cpu", "device", "git_sha", "time", "versions", "copy_gbs", "peak_memory", "wall_s"}
 ROW_KEYS = {"backend", "setting", "dtype", "N", "D", "B", "k", "p20_ms", "p50_ms", "p80_ms", "qps", "recall",
             "bytes_per_query", "gbs", "frac_bw", "search_peak_mb", "build_s", "build_peak_mb", "index_mb",
-            "speedup_vs_faiss-flat", "params"}
+            "speedup_vs_faiss-flat", "speedup_vs_torch", "params"}
 
 
 @pytest.fixture(scope="module")
@@ -35,8 +35,8 @@ def test_json(bench_run):
     assert META_KEYS <= set(result["meta"])
     assert {"torch", "numpy", "python"} <= set(result["meta"]["versions"])
     rows = result["rows"]
-    # fp32: exact + faiss-flat + 2 IVF-PQ settings; bf16: exact only; at B = 1 and 8
-    assert len(rows) == 2 * (1 + 1 + 2) + 2 * 1
+    # fp32: exact + torch + faiss-flat + 2 IVF-PQ settings; bf16: exact + torch; at B = 1 and 8
+    assert len(rows) == 2 * (1 + 1 + 1 + 2) + 2 * 2
     assert all(ROW_KEYS <= set(r) for r in rows)
     assert {(s["backend"], s["dtype"]) for s in result["skipped"]} == {("faiss-flat", "bf16"),
                                                                       ("faiss-ivfpq", "bf16")}
@@ -44,19 +44,20 @@ def test_json(bench_run):
         assert (r["N"], r["D"], r["k"]) == (3000, 32, 8)
         assert 0 < r["p20_ms"] <= r["p50_ms"] <= r["p80_ms"] and r["qps"] > 0 and r["bytes_per_query"] > 0
         assert 0.0 <= r["recall"] <= 1.0
-        if r["backend"] in ("exact", "faiss-flat") and r["dtype"] == "fp32":
+        if r["backend"] in ("exact", "torch", "faiss-flat") and r["dtype"] == "fp32":
             assert r["recall"] == 1.0
         if r["backend"] == "faiss-ivfpq":
             assert r["setting"] in ("nprobe=2", "nprobe=4") and r["build_s"] > 0
             assert json.loads(r["params"])["nprobe"] == int(r["setting"].split("=")[1])
     assert {r["speedup_vs_faiss-flat"] for r in rows if r["backend"] == "faiss-flat"} == {1.0}
+    assert {r["speedup_vs_torch"] for r in rows if r["backend"] == "torch"} == {1.0}
 
 
 def test_csv(bench_run):
     out, _ = bench_run
     with open(out / "results.csv", newline="") as f:
         rows = list(csv.DictReader(f))
-    assert len(rows) == 10
+    assert len(rows) == 14
     assert {"time", "machine", "device", "git_sha", "versions"} <= set(rows[0])
     for r in rows:
         float(r["p50_ms"]), float(r["qps"]), float(r["recall"]), int(r["B"])
@@ -77,7 +78,7 @@ def test_markdown_table_on_stdout(bench_run):
     _, stdout = bench_run
     table = [line for line in stdout.splitlines() if line.startswith("|")]
     assert table[0].startswith("| backend | setting | dtype | N | D | B | p50_ms")
-    assert len(table) == 2 + 10
+    assert len(table) == 2 + 14
 
 
 def test_unknown_backend_is_a_one_line_error(tmp_path, capsys):

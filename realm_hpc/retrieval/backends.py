@@ -418,6 +418,55 @@ def _masked(keys: torch.Tensor, exclude: torch.Tensor | None) -> torch.Tensor:
     return keys.masked_fill(ids == exclude[:, None], KEY_MIN)
 
 
+# ------------------------------------------------------------------------------------------------------- torch
+
+
+@dataclass(kw_only=True)
+class TorchParams:
+    dtype: str | None = None  # storage dtype: fp32 | bf16 | fp16 (None = the embeddings' own)
+    chunk_rows: int = 1 << 20  # index rows per matmul: at most B x chunk_rows scores exist at once
+
+
+class TorchBackend(Backend):
+    """The search people write by hand, kept as the bench's baseline: ``(q @ x.T).topk(k)`` per chunk of rows,
+    chunks merged, the excluded id's score set to -inf. Not a search path of ours (that is ``exact``)."""
+
+    name = "torch"
+
+    def __init__(self, embeddings, p: TorchParams):
+        t0 = time.perf_counter()
+        if p.dtype is not None and p.dtype not in DTYPES:
+            raise ValueError(f"torch: dtype must be one of {sorted(DTYPES)}, got {p.dtype!r}")
+        if p.chunk_rows < 1:
+            raise ValueError(f"torch: chunk_rows must be >= 1, got {p.chunk_rows}")
+        x = _as_tensor(embeddings, DTYPES.get(p.dtype))
+        if x.dim() != 2:
+            raise ValueError(f"embeddings must be [N, D], got {tuple(x.shape)}")
+        super().__init__(x.shape[0], x.shape[1], x.dtype, dataclasses.asdict(p))
+        self.x, self.chunk = x, p.chunk_rows
+        self.build_s = time.perf_counter() - t0
+
+    def search(self, queries, k, exclude=None):
+        q = _as_tensor(queries).to(self.x.device, self.dtype)
+        ex = _exclude_tensor(exclude, q.shape[0] if q.dim() == 2 else 0)
+        _check_search(q.shape, self.d, self.n, k, ex)
+        rows = torch.arange(q.shape[0], device=q.device)
+        best_s = best_i = None
+        for a in range(0, self.n, self.chunk):
+            s = (q @ self.x[a:a + self.chunk].T).float()
+            if ex is not None:
+                local = ex.to(q.device) - a
+                hit = (local >= 0) & (local < s.shape[1])
+                s[rows[hit], local[hit]] = float("-inf")
+            cs, ci = s.topk(min(k, s.shape[1]), dim=1)
+            ci = ci + a
+            if best_s is not None:
+                cs, order = torch.cat([best_s, cs], 1).topk(min(k, best_s.shape[1] + cs.shape[1]), dim=1)
+                ci = torch.cat([best_i, ci], 1).gather(1, order)
+            best_s, best_i = cs, ci
+        return best_s, best_i
+
+
 # ------------------------------------------------------------------------------------------------------- faiss
 
 
@@ -543,6 +592,7 @@ class FaissIVFPQBackend(Backend):
 
 BACKENDS = {
     "exact": (ExactBackend, ExactParams),
+    "torch": (TorchBackend, TorchParams),
     "faiss-flat": (FaissFlatBackend, FaissFlatParams),
     "faiss-ivfpq": (FaissIVFPQBackend, IVFPQParams),
 }

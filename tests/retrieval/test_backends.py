@@ -185,3 +185,18 @@ def test_recall_is_tie_tolerant():
     assert recall_at_k(torch.tensor([[1, 0]]), q, x, exact) == 1.0
     assert recall_at_k(torch.tensor([[0, 2]]), q, x, exact) == 0.5  # 0.5 < the 2nd best 1.0
     assert recall_at_k(torch.tensor([[0, 0]]), q, x, exact) == 0.5  # a doc returned twice counts once
+
+
+def test_torch_baseline_matches_exact_across_chunks_with_exclusion():
+    """The bench's naive baseline (matmul + topk per chunk, merged) returns the exact answer, exclusion honoured,
+    also when chunks are smaller than k and N is not a multiple of the chunk."""
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(1001, 16, generator=g)
+    q = torch.randn(7, 16, generator=g)
+    exclude = (q @ x.T).argmax(dim=1)  # exclude each query's top hit
+    s_ref, i_ref = build_backend("exact", x).search(q, 10, exclude)
+    for chunk in (3, 128, 5000):
+        s, i = build_backend("torch", x, chunk_rows=chunk).search(q, 10, exclude)
+        assert torch.equal(i, i_ref), chunk
+        torch.testing.assert_close(s, s_ref)
+        assert not (i == exclude[:, None]).any()
