@@ -30,6 +30,7 @@ class ModelConfig:
     query_len: int = 64
     reader_len: int = 192  # [CLS] x [SEP] z [SEP], z truncated to fit
     copy_head: bool = False  # pointer/copy head on the reader (see FACTS: a tiny reader from scratch needs it)
+    dropout: float = 0.1  # BERT hidden + attention dropout (0 makes runs with different trainer counts comparable)
 
 
 @dataclass(kw_only=True)
@@ -58,6 +59,12 @@ class RefreshConfig:
     mode: str = "inline"  # inline | mpi
     every: int = 50  # steps between index refreshes
     batch_size: int = 128  # documents per encoder forward while re-encoding
+    max_staleness: int = 200  # warn when the live index was built from weights older than this many steps
+
+
+@dataclass(kw_only=True)
+class IndexConfig:
+    sharded: bool = False  # with several trainers: each holds 1/T of the index, queries are all-gathered
 
 
 @dataclass(kw_only=True)
@@ -92,6 +99,8 @@ class TrainConfig:
     log_every: int = 10
     eval_every: int = 100
     checkpoint_every: int = 100
+    grad_accum: int = 1  # micro batches per step: global batch = micro batch x trainers x grad_accum
+    deepspeed: str = ""  # a DeepSpeed JSON (configs/ds_zero2.json); several trainers use ZeRO-2 defaults without one
 
 
 @dataclass(kw_only=True)
@@ -107,6 +116,7 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     retrieval: RetrievalConfig = field(default_factory=RetrievalConfig)
     refresh: RefreshConfig = field(default_factory=RefreshConfig)
+    index: IndexConfig = field(default_factory=IndexConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     ict: ICTConfig = field(default_factory=ICTConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
@@ -122,6 +132,8 @@ class Config:
             (self.model.pooling in ("cls", "mean"), "model.pooling must be 'cls' or 'mean'"),
             (self.refresh.every >= 1, "refresh.every must be >= 1"),
             (self.train.batch_size >= 1, "train.batch_size must be >= 1"),
+            (self.train.grad_accum >= 1, "train.grad_accum must be >= 1"),
+            (0.0 <= self.model.dropout < 1.0, "model.dropout must be in [0, 1)"),
             (0.0 <= self.data.world_alias_rate <= 1.0, "data.world_alias_rate must be in [0, 1]"),
             (self.model.query_len < self.model.reader_len, "model.query_len must be < model.reader_len"),
         ]
