@@ -103,7 +103,7 @@ def cmd_pretrain(args) -> None:
 
     cfg = resolve_config(args)
     run_dir = Path(args.out)
-    factory, roles, comm = None, None, None
+    factory, roles, comm, made = None, None, None, []
     use_ds = bool(cfg.train.deepspeed)
     if cfg.refresh.mode == "mpi":
         if not launched_by_mpi():
@@ -123,10 +123,10 @@ def cmd_pretrain(args) -> None:
             inner = None
             if group.rank == 0:
                 inner = MPIRefresher(comm, roles.refresher_ranks, len(data.blocks), cfg.model.proj_dim,
-                                     cfg.refresh.every, str(run_dir))
-            if not group.distributed:
-                return inner
-            return TrainerBroadcastRefresher(inner, group, len(data.blocks), cfg.model.proj_dim)
+                                     cfg.refresh.every, str(run_dir), timeout_s=cfg.refresh.timeout_s)
+            made.append(inner if not group.distributed else
+                        TrainerBroadcastRefresher(inner, group, len(data.blocks), cfg.model.proj_dim))
+            return made[-1]
     elif launched_by_mpi():  # inline refresh under mpiexec: every rank is a trainer
         from mpi4py import MPI
 
@@ -156,6 +156,11 @@ def cmd_pretrain(args) -> None:
             dist.destroy_process_group()
     print0(format_summary(summary))
     print0(f"wrote {run_dir / 'summary.json'}, {run_dir / 'metrics.jsonl'}, {run_dir / 'curves.png'}")
+    if made and made[0].lost:
+        # A dead rank makes MPI_Finalize hang (mpich): the run's files are written, leave without it.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)
 
 
 def _serve_refresher(comm, roles) -> None:

@@ -60,6 +60,7 @@ class RefreshConfig:
     every: int = 50  # steps between index refreshes
     batch_size: int = 128  # documents per encoder forward while re-encoding
     max_staleness: int = 200  # warn when the live index was built from weights older than this many steps
+    timeout_s: float = 300.0  # mpi: a refresh in flight this long means the refreshers died; train on without them
 
 
 @dataclass(kw_only=True)

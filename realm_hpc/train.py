@@ -198,6 +198,10 @@ class Pretrainer:
                     row.update(refresh_encode_s=event.encode_s, refresh_docs_per_s=event.docs_per_s)
                     if event.shards:  # [first row, end row, docs/s] per refresher
                         row.update(refresh_shards=event.shards)
+                if event.lost:
+                    print0(f"warning: step {step}: no refresher answered for refresh.timeout_s="
+                           f"{cfg.refresh.timeout_s:g} s; training goes on with index v{live.version}, staleness grows")
+                    row.update(refresher_lost=1)
                 state.trainer_wait_s += event.wait_s
                 window_wait += event.wait_s
                 if live.staleness(step) > cfg.refresh.max_staleness and warned_version != live.version:

@@ -59,6 +59,7 @@ def test_mpi_trainers_with_refresher_ranks(tmp_path, ranks, refreshers):
     out, steps = tmp_path / "run", 16
     _run([MPIEXEC, "-n", ranks, *REALM, "pretrain", "--out", out, "--steps", steps, "--refreshers", refreshers,
           *SMALL, "--set", "refresh.mode=mpi", "--set", "refresh.every=3", "--set", "train.reader_warmup_steps=4",
+          "--set", "refresh.max_staleness=2",
           "--deepspeed-config", Path(__file__).parents[1] / "configs" / "ds_zero2.json"], cwd=tmp_path)
     summary = json.loads((out / "summary.json").read_text())
     assert summary["trainers"] == ranks - refreshers and summary["steps"] == steps
@@ -77,6 +78,10 @@ def test_mpi_trainers_with_refresher_ranks(tmp_path, ranks, refreshers):
         assert all(b1 == a2 for (_, b1), (a2, _) in zip(bounds, bounds[1:])), bounds
         assert all(docs_per_s > 0 for *_, docs_per_s in shards)
     assert all(0 <= r["wait_share"] < 1 for r in rows)
+    # refresh.max_staleness=2 < refresh.every: every version outlives it, once per version a warning is logged.
+    warned = [r for r in rows if r.get("stale_warning")]
+    assert 1 <= len(warned) <= summary["index_versions"]
+    assert all(r["staleness"] > 2 for r in warned)
 
 
 STEPS_1V2 = 20

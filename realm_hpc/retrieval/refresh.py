@@ -61,6 +61,7 @@ class RefreshEvent:
     encode_s: float = 0.0  # time to re-encode (inline: blocking; mpi: on the refreshers)
     docs_per_s: float = 0.0
     shards: list | None = None  # mpi: per refresher [first row, end row, docs/s] of the version swapped in
+    lost: bool = False  # mpi: the refreshers stopped answering at this boundary; no further versions will come
 
 
 class InlineRefresher:
@@ -96,8 +97,11 @@ class InlineRefresher:
 class MPIRefresher:
     """Trainer 0's side: hands weight snapshots to the refresher ranks and collects the new index."""
 
-    def __init__(self, comm, refreshers: list[int], n_docs: int, dim: int, every: int, run_dir: str):
+    def __init__(self, comm, refreshers: list[int], n_docs: int, dim: int, every: int, run_dir: str,
+                 timeout_s: float = 0.0):
         self.comm, self.refreshers, self.n_docs, self.dim, self.every = comm, refreshers, n_docs, dim, every
+        # mpich reports no error for a dead rank: a refresh in flight for longer than this means it is gone.
+        self.timeout_s, self.lost, self._sent_at = timeout_s, False, 0.0
         self._todo: queue.Queue = queue.Queue()
         self._done: IndexSnapshot | None = None
         self._done_stats = np.zeros((len(refreshers), 4))
@@ -117,6 +121,7 @@ class MPIRefresher:
         if done is not None:
             live.swap(done)
             self.fill_event(event)
+        event.lost = self.check_lost()
         event.sent = self.maybe_send(step, doc_encoder, live.version, live.snapshot.weights_step)
         event.wait_s = time.perf_counter() - t0
         return event
@@ -131,6 +136,16 @@ class MPIRefresher:
             self._busy = False
         return done
 
+    def check_lost(self) -> bool:
+        """True once, at the first boundary where the refresh in flight is older than timeout_s. From then on the
+        trainers keep their last index (its staleness grows) and nothing more is sent."""
+        if self.lost or not self._busy or self.timeout_s <= 0:
+            return False
+        if time.perf_counter() - self._sent_at > self.timeout_s:
+            self.lost = True
+            return True
+        return False
+
     def fill_event(self, event: RefreshEvent) -> None:
         """Stats of the version `take` returned: the slowest refresher's encode time, each refresher's shard."""
         event.swapped = True
@@ -142,10 +157,10 @@ class MPIRefresher:
     def maybe_send(self, step: int, doc_encoder: torch.nn.Module, version: int, weights_step: int) -> bool:
         # The first snapshot counts from the weights that built the live index, so v2 is never a re-encode of v1.
         last = self.last_sent if self.last_sent is not None else weights_step
-        if self._busy or step - last < self.every:
+        if self.lost or self._busy or step - last < self.every:
             return False
         self._todo.put((version + 1, step, flatten_params(doc_encoder)))
-        self._busy, self.last_sent = True, step
+        self._busy, self.last_sent, self._sent_at = True, step, time.perf_counter()
         return True
 
     def _serve(self) -> None:
@@ -179,6 +194,8 @@ class MPIRefresher:
 
     def close(self, timeout_s: float = 60.0) -> None:
         """Let an in-flight refresh land (bounded), then stop the refreshers."""
+        if self.lost:
+            return  # the comm thread waits on a dead rank forever (a daemon thread: it does not block the exit)
         deadline = time.perf_counter() + timeout_s
         while self._busy and self._done is None and time.perf_counter() < deadline and self._error is None:
             time.sleep(0.01)
@@ -228,6 +245,7 @@ class TrainerBroadcastRefresher:
 
     def __init__(self, inner: MPIRefresher | None, group, n_docs: int, dim: int):
         self.inner, self.group, self.n_docs, self.dim = inner, group, n_docs, dim
+        self.lost = False
 
     def step_boundary(self, step: int, doc_encoder: torch.nn.Module, live: LiveIndex) -> RefreshEvent:
         import torch.distributed as dist
@@ -235,9 +253,12 @@ class TrainerBroadcastRefresher:
         t0 = time.perf_counter()
         event = RefreshEvent()
         done = self.inner.take() if self.inner is not None else None
-        head = torch.tensor([done is not None, done.version if done else 0, done.weights_step if done else 0],
+        lost = self.inner.check_lost() if self.inner is not None else False
+        head = torch.tensor([done is not None, done.version if done else 0, done.weights_step if done else 0, lost],
                             dtype=torch.long)
         dist.broadcast(head, src=0)
+        if head[3]:
+            self.lost = event.lost = True
         if head[0]:
             full = done.embeddings if done is not None else torch.empty(self.n_docs, self.dim)
             dist.broadcast(full, src=0)
