@@ -90,7 +90,8 @@ def resolve_config(args) -> Config:
     if args.steps is not None:
         args.set = [*args.set, f"train.steps={args.steps}"]
     if getattr(args, "deepspeed_config", None):
-        args.set = [*args.set, f"train.deepspeed={args.deepspeed_config}"]
+        # absolute, so that a --resume from another directory finds it again (config.json keeps it)
+        args.set = [*args.set, f"train.deepspeed={Path(args.deepspeed_config).resolve()}"]
     return apply_overrides(cfg, args.set)
 
 

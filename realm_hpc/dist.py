@@ -1,7 +1,8 @@
 """Who does what: trainer ranks and refresher ranks, split from one MPI launch.
 
-`mpiexec -n P realm-hpc pretrain ...`: the first P - M ranks train, the last M re-encode the corpus. Without
-MPI (a plain or torchrun launch) the process is a lone trainer.
+`mpiexec -n P realm-hpc pretrain ... --refreshers M`: the first P - M ranks train, the last M re-encode the corpus.
+The trainers form a torch.distributed group among themselves (`init_trainer_group`); a torchrun launch has
+trainers only, a plain launch one lone trainer.
 """
 
 from __future__ import annotations

@@ -66,7 +66,7 @@ def deepspeed_config(cfg: Config, n_trainers: int) -> dict:
             raise ConfigError(f"{where}: {key}={ds[key]} contradicts the run config ({value}); drop it from the JSON")
         ds[key] = value
     if "optimizer" not in ds:
-        ds["optimizer"] = DEFAULT_DEEPSPEED["optimizer"]
+        ds["optimizer"] = json.loads(json.dumps(DEFAULT_DEEPSPEED["optimizer"]))
     # Per-group learning rates (reader vs retriever) come with the parameter groups; these are the defaults.
     ds["optimizer"].setdefault("params", {}).update(lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay)
     stage = ds.get("zero_optimization", {}).get("stage", 0)
