@@ -91,7 +91,6 @@ def init_trainer_group(sub_comm=None, backend: str | None = None, force: bool = 
     0 picks a free port and broadcasts MASTER_ADDR/PORT. Under torchrun the environment already has them. A lone
     trainer makes no process group unless `force` (DeepSpeed needs one even at world size 1).
     """
-    import torch
     import torch.distributed as dist
 
     if dist.is_initialized():
@@ -117,7 +116,9 @@ def init_trainer_group(sub_comm=None, backend: str | None = None, force: bool = 
             os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
     if size == 1 and not force:
         return TrainerGroup()
-    backend = backend or ("nccl" if torch.cuda.is_available() else "gloo")
+    # The training loop keeps its tensors on the CPU today, so the collectives are gloo's even on a GPU node; nccl
+    # (CUDA tensors only) becomes the default once the model moves to the GPU.
+    backend = backend or "gloo"
     dist.init_process_group(backend=backend, rank=rank, world_size=size)
     return TrainerGroup(rank, size)
 
