@@ -19,7 +19,8 @@ def test_shipped_json_is_completed_from_the_run_config(name, stage):
     cfg.train.deepspeed, cfg.train.batch_size, cfg.train.grad_accum = str(CONFIGS / name), 16, 2
     ds = deepspeed_config(cfg, n_trainers=2)
     assert ds["zero_optimization"]["stage"] == stage
-    assert (ds["train_batch_size"], ds["train_micro_batch_size_per_gpu"], ds["gradient_accumulation_steps"]) == (16, 4, 2)
+    sizes = (ds["train_batch_size"], ds["train_micro_batch_size_per_gpu"], ds["gradient_accumulation_steps"])
+    assert sizes == (16, 4, 2)
     assert ds["train_batch_size"] == ds["train_micro_batch_size_per_gpu"] * 2 * ds["gradient_accumulation_steps"]
     assert ds["optimizer"]["params"]["lr"] == cfg.optim.lr and ds["gradient_clipping"] == cfg.optim.grad_clip
     assert ds["optimizer"]["params"]["torch_adam"] is True  # the CPU-safe AdamW (../shared/FACTS.md)

@@ -53,7 +53,8 @@ def _step_rows(run: Path) -> list[dict]:
 
 
 @pytest.mark.skipif(MPIEXEC is None, reason="mpiexec not found (pip install mpich mpi4py)")
-@pytest.mark.parametrize("ranks,refreshers", [(3, 1), (4, 2)], ids=["2-trainers-1-refresher", "2-trainers-2-refreshers"])
+@pytest.mark.parametrize("ranks,refreshers", [(3, 1), (4, 2)],
+                         ids=["2-trainers-1-refresher", "2-trainers-2-refreshers"])
 def test_mpi_trainers_with_refresher_ranks(tmp_path, ranks, refreshers):
     pytest.importorskip("mpi4py")
     out, steps = tmp_path / "run", 16

@@ -4,8 +4,8 @@ The MPI protocol, all of it (so more trainers or refreshers is a change of count
 - trainer 0 -> each refresher: TAG_READY once (the run directory), then per refresh TAG_HEADER
   [version, weights_step, n_floats] and TAG_WEIGHTS (the doc encoder's flat float32 parameters), finally
   TAG_STOP;
-- each refresher -> trainer 0: TAG_STATS [version, encode_s, first row, end row] and TAG_EMBEDDINGS, its shard's rows (shard =
-  the refresher's slice of the corpus by arithmetic).
+- each refresher -> trainer 0: TAG_STATS [version, encode_s, first row, end row] and TAG_EMBEDDINGS, its
+  shard's rows (shard = the refresher's slice of the corpus by arithmetic).
 Trainer 0 talks MPI only from a background thread that polls with short sleeps: mpich's blocking calls spin a
 core, and a large message only moves while both sides call into MPI. The training loop just takes a finished
 index from a slot between steps (double buffer), so it never waits on a refresh.
