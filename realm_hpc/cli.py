@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 from contextlib import nullcontext
@@ -29,6 +28,8 @@ def _parser() -> argparse.ArgumentParser:
     pre.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")
     pre.add_argument("--refreshers", type=int, default=1,
                      help="with refresh.mode=mpi: the last M MPI ranks re-encode the corpus, a shard each")
+    pre.add_argument("--deepspeed-config", metavar="JSON",
+                     help="DeepSpeed JSON for the trainers (e.g. configs/ds_zero2.json; sets train.deepspeed)")
 
     ft = sub.add_parser("finetune", help="Open-QA fine-tune of a pretrained run (fixed index; query encoder + reader)")
     ft.add_argument("--recipe", default="qa-demo", help="qa-demo | qa-tiny (only its qa section is used)")
@@ -127,6 +128,9 @@ def resolve_config(args) -> Config:
         cfg = get_recipe(args.recipe)
     if args.steps is not None:
         args.set = [*args.set, f"train.steps={args.steps}"]
+    if getattr(args, "deepspeed_config", None):
+        # absolute, so that a --resume from another directory finds it again (config.json keeps it)
+        args.set = [*args.set, f"train.deepspeed={Path(args.deepspeed_config).resolve()}"]
     return apply_overrides(cfg, args.set)
 
 
@@ -134,44 +138,70 @@ def cmd_pretrain(args) -> None:
     import torch
 
     from realm_hpc.checkpoint import atomic_write_json
-    from realm_hpc.dist import launched_by_mpi, mpi_roles, print0
+    from realm_hpc.dist import TrainerGroup, init_trainer_group, launched_by_mpi, mpi_roles, print0, trainer_comm
     from realm_hpc.train import Pretrainer
 
     cfg = resolve_config(args)
     run_dir = Path(args.out)
-    factory = None
+    factory, roles, comm, made = None, None, None, []
+    use_ds = bool(cfg.train.deepspeed)
     if cfg.refresh.mode == "mpi":
         if not launched_by_mpi():
             raise ConfigError("refresh.mode=mpi needs an MPI launch: mpiexec -n 2 realm-hpc pretrain ...")
         if args.refreshers < 1:
             raise ConfigError("--refreshers must be >= 1 with refresh.mode=mpi")
         roles, comm = mpi_roles(n_refreshers=args.refreshers)
-        if roles.n_trainers != 1:
-            raise ConfigError(f"refresh.mode=mpi runs one trainer rank here: use mpiexec -n {1 + args.refreshers} "
-                              f"with --refreshers {args.refreshers} (got {roles.world_size} ranks)")
+        sub = trainer_comm(comm, roles)
         if not roles.is_trainer:
-            torch.set_num_threads(1)  # the trainer keeps the cores; the refresher is busy only between swaps
+            torch.set_num_threads(1)  # the trainers keep the cores; a refresher is busy only between swaps
             _serve_refresher(comm, roles)
             return
-        from realm_hpc.retrieval.refresh import MPIRefresher
+        group = init_trainer_group(sub, force=use_ds)
+        from realm_hpc.retrieval.refresh import MPIRefresher, TrainerBroadcastRefresher
 
         def factory(data):
-            return MPIRefresher(comm, roles.refresher_ranks, len(data.blocks), cfg.model.proj_dim,
-                                cfg.refresh.every, str(run_dir))
-    run_dir.mkdir(parents=True, exist_ok=True)
-    atomic_write_json(run_dir / "config.json", cfg.to_dict())
+            inner = None
+            if group.rank == 0:
+                inner = MPIRefresher(comm, roles.refresher_ranks, len(data.blocks), cfg.model.proj_dim,
+                                     cfg.refresh.every, str(run_dir), timeout_s=cfg.refresh.timeout_s)
+            made.append(inner if not group.distributed else
+                        TrainerBroadcastRefresher(inner, group, len(data.blocks), cfg.model.proj_dim))
+            return made[-1]
+    elif launched_by_mpi():  # inline refresh under mpiexec: every rank is a trainer
+        from mpi4py import MPI
+
+        group = init_trainer_group(MPI.COMM_WORLD, force=use_ds)
+    else:  # a plain launch (one trainer) or torchrun (RANK/WORLD_SIZE in the environment)
+        group = init_trainer_group(None, force=use_ds)
+    if group.rank == 0:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(run_dir / "config.json", cfg.to_dict())
+    if group.distributed:
+        import torch.distributed as dist
+
+        dist.barrier()  # the others read run_dir/data only after trainer 0 created it
     try:
-        summary = Pretrainer(cfg, run_dir, resume=args.resume, refresher_factory=factory).run()
+        summary = Pretrainer(cfg, run_dir, resume=args.resume, refresher_factory=factory, group=group).run()
     except BaseException as e:
         # A preemption in the REALM loop already stopped the refreshers (the loop closes its refresher).
-        if factory is not None and not (isinstance(e, preempt.Preempted) and e.checkpointed):
+        if factory is not None and group.rank == 0 and not (isinstance(e, preempt.Preempted) and e.checkpointed):
             from realm_hpc.retrieval.refresh import TAG_STOP
 
-            for r in roles.refresher_ranks:  # let the refresher exit instead of waiting forever
+            for r in roles.refresher_ranks:  # let the refreshers exit instead of waiting forever
                 comm.isend(None, dest=r, tag=TAG_STOP)
         raise
+    if group != TrainerGroup() or use_ds:
+        import torch.distributed as dist
+
+        if dist.is_initialized():
+            dist.destroy_process_group()
     print0(format_summary(summary))
     print0(f"wrote {run_dir / 'summary.json'}, {run_dir / 'metrics.jsonl'}, {run_dir / 'curves.png'}")
+    if made and made[0].lost:
+        # A dead rank makes MPI_Finalize hang (mpich): the run's files are written, leave without it.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)
 
 
 def _serve_refresher(comm, roles) -> None:

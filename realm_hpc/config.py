@@ -30,6 +30,7 @@ class ModelConfig:
     query_len: int = 64
     reader_len: int = 192  # [CLS] x [SEP] z [SEP], z truncated to fit
     copy_head: bool = False  # pointer/copy head on the reader (see FACTS: a tiny reader from scratch needs it)
+    dropout: float = 0.1  # BERT hidden + attention dropout (0 makes runs with different trainer counts comparable)
 
 
 @dataclass(kw_only=True)
@@ -58,11 +59,15 @@ class RefreshConfig:
     mode: str = "inline"  # inline | mpi
     every: int = 50  # steps between index refreshes
     batch_size: int = 128  # documents per encoder forward while re-encoding
+    max_staleness: int = 200  # warn when the live index was built from weights older than this many steps
+    timeout_s: float = 300.0  # mpi: a refresh in flight this long means the refreshers died; train on without them
 
 
 @dataclass(kw_only=True)
 class IndexConfig:
-    """The saved index `build-index` writes (realm_hpc/retrieval/store.py); 0 = the backend's own default."""
+    """Where the training index lives (`sharded`) and the saved index `build-index` writes
+    (realm_hpc/retrieval/store.py); 0 = the backend's own default."""
+    sharded: bool = False  # with several trainers: each holds 1/T of the index, queries are all-gathered
     backend: str = "exact"  # exact | faiss-flat | faiss-ivfpq (IndexIVFPQ + IndexRefineFlat re-rank)
     dtype: str = "fp32"  # embeddings.npy storage: fp32 | fp16 | bf16 (bf16 bits stored as uint16)
     nlist: int = 0  # faiss-ivfpq inverted lists (0 = 2 sqrt(N))
@@ -103,6 +108,8 @@ class TrainConfig:
     log_every: int = 10
     eval_every: int = 100
     checkpoint_every: int = 100
+    grad_accum: int = 1  # micro batches per step: global batch = micro batch x trainers x grad_accum
+    deepspeed: str = ""  # a DeepSpeed JSON (configs/ds_zero2.json); several trainers use ZeRO-2 defaults without one
 
 
 @dataclass(kw_only=True)
@@ -162,6 +169,8 @@ class Config:
             (self.model.pooling in ("cls", "mean"), "model.pooling must be 'cls' or 'mean'"),
             (self.refresh.every >= 1, "refresh.every must be >= 1"),
             (self.train.batch_size >= 1, "train.batch_size must be >= 1"),
+            (self.train.grad_accum >= 1, "train.grad_accum must be >= 1"),
+            (0.0 <= self.model.dropout < 1.0, "model.dropout must be in [0, 1)"),
             (0.0 <= self.data.world_alias_rate <= 1.0, "data.world_alias_rate must be in [0, 1]"),
             (self.model.query_len < self.model.reader_len, "model.query_len must be < model.reader_len"),
             (self.index.backend in ("exact", "faiss-flat", "faiss-ivfpq"),

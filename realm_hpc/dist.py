@@ -1,7 +1,8 @@
 """Who does what: trainer ranks and refresher ranks, split from one MPI launch.
 
-`mpiexec -n P realm-hpc pretrain ...`: the first P - M ranks train, the last M re-encode the corpus. Without
-MPI (a plain or torchrun launch) the process is a lone trainer.
+`mpiexec -n P realm-hpc pretrain ... --refreshers M`: the first P - M ranks train, the last M re-encode the corpus.
+The trainers form a torch.distributed group among themselves (`init_trainer_group`); a torchrun launch has
+trainers only, a plain launch one lone trainer.
 """
 
 from __future__ import annotations
@@ -56,3 +57,76 @@ def print0(*args, **kwargs) -> None:
     """Only the first trainer speaks."""
     if int(os.environ.get("PMI_RANK", os.environ.get("RANK", "0"))) == 0:
         print(*args, **kwargs, flush=True)
+
+
+# -- the trainers' torch.distributed group ---------------------------------------------------------------------------
+@dataclass(frozen=True)
+class TrainerGroup:
+    """The trainers among themselves: rank/size in torch.distributed (size 1 = a lone trainer, no process group)."""
+    rank: int = 0
+    size: int = 1
+
+    @property
+    def distributed(self) -> bool:
+        return self.size > 1
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("", 0))
+        return s.getsockname()[1]
+
+
+def trainer_comm(comm, roles: Roles):
+    """Split COMM_WORLD into the trainers' and the refreshers' communicators (collective over every rank)."""
+    return comm.Split(0 if roles.is_trainer else 1, roles.world_rank)
+
+
+def init_trainer_group(sub_comm=None, backend: str | None = None, force: bool = False) -> TrainerGroup:
+    """Join the trainers' torch.distributed group.
+
+    Under MPI, `sub_comm` (the trainers' communicator) supplies rank and size and carries the rendezvous: its rank
+    0 picks a free port and broadcasts MASTER_ADDR/PORT. Under torchrun the environment already has them. A lone
+    trainer makes no process group unless `force` (DeepSpeed needs one even at world size 1).
+    """
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        return TrainerGroup(dist.get_rank(), dist.get_world_size())
+    if sub_comm is not None:
+        rank, size = sub_comm.Get_rank(), sub_comm.Get_size()
+        addr_port = None
+        if size > 1 or force:
+            addr_port = sub_comm.bcast(("127.0.0.1" if size == 1 else _host_addr(), _free_port())
+                                       if rank == 0 else None, root=0)
+            os.environ.update(MASTER_ADDR=addr_port[0], MASTER_PORT=str(addr_port[1]))
+        from mpi4py import MPI
+
+        node = sub_comm.Split_type(MPI.COMM_TYPE_SHARED, key=rank)  # LOCAL_RANK = rank among this node's trainers
+        local_rank = node.Get_rank()
+        node.Free()
+        os.environ.update(RANK=str(rank), WORLD_SIZE=str(size), LOCAL_RANK=str(local_rank))
+    else:
+        rank, size = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+        if size == 1 and force:
+            os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+            os.environ.setdefault("MASTER_PORT", str(_free_port()))
+            os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
+    if size == 1 and not force:
+        return TrainerGroup()
+    # The training loop keeps its tensors on the CPU today, so the collectives are gloo's even on a GPU node; nccl
+    # (CUDA tensors only) becomes the default once the model moves to the GPU.
+    backend = backend or "gloo"
+    dist.init_process_group(backend=backend, rank=rank, world_size=size)
+    return TrainerGroup(rank, size)
+
+
+def _host_addr() -> str:
+    import socket
+
+    try:
+        return socket.gethostbyname(socket.gethostname())
+    except OSError:
+        return "127.0.0.1"

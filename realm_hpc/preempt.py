@@ -45,10 +45,14 @@ def _handler(signum, frame) -> None:
 
 @contextmanager
 def handlers(signals=SIGNALS):
-    """Install the flag-setting handlers (main thread only) for the duration of the block; restore the old ones."""
+    """Install the flag-setting handlers (main thread only) for the duration of the block; restore the old ones.
+
+    A signal the parent set to be ignored stays ignored (the nohup convention): `trap "" USR1` before the launch
+    opts out of USR1 preemption, e.g. under mpiexec -disable-auto-cleanup, whose hydra sends SIGUSR1 to the
+    surviving ranks when one dies (tests/test_refresher_death.py)."""
     global _received
     _received = None
-    old = {s: signal.signal(s, _handler) for s in signals}
+    old = {s: signal.signal(s, _handler) for s in signals if signal.getsignal(s) != signal.SIG_IGN}
     try:
         yield
     finally:

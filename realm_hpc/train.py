@@ -18,13 +18,15 @@ from tqdm import tqdm
 from realm_hpc import preempt
 from realm_hpc.checkpoint import atomic_write_json, load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from realm_hpc.config import Config
-from realm_hpc.data.examples import PretrainData
-from realm_hpc.dist import print0
+from realm_hpc.data.examples import Batch, PretrainData
+from realm_hpc.dist import TrainerGroup, print0
 from realm_hpc.evaluate import mlm_accuracy, recall_at_k
 from realm_hpc.metrics import MetricsLogger, plot_curves
 from realm_hpc.models.realm import Realm
-from realm_hpc.retrieval.index import IndexSnapshot, LiveIndex, encode_blocks
+from realm_hpc.optim import DeepSpeedStepper, LocalStepper, build_optimizer, micro_batch_size
+from realm_hpc.retrieval.index import LiveIndex
 from realm_hpc.retrieval.refresh import InlineRefresher
+from realm_hpc.retrieval.sharded import build_index, full_embeddings, index_from_full
 
 
 class TrainingError(RuntimeError):
@@ -46,24 +48,52 @@ class RunState:
     refresh_steps: list[int] = field(default_factory=list)
 
 
-def build_optimizer(model: Realm, cfg: Config, retriever_lr: float):
-    groups = [{"params": list(model.reader.parameters()), "lr": cfg.optim.lr},
-              {"params": list(model.retriever.parameters()), "lr": retriever_lr}]
-    opt = torch.optim.AdamW(groups, weight_decay=cfg.optim.weight_decay)
-    warm = max(1, cfg.optim.warmup_steps)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warm))
-    return opt, sched
+def fresh_index(model: Realm, data: PretrainData, cfg: Config, version: int, step: int,
+                group: TrainerGroup = TrainerGroup()) -> LiveIndex:
+    """The index of the current doc encoder; several trainers split the encoding (collective)."""
+    return build_index(model.retriever.doc, data.blocks, cfg.refresh.batch_size, version, step, group,
+                       cfg.index.sharded)
 
 
-def fresh_index(model: Realm, data: PretrainData, cfg: Config, version: int, step: int) -> LiveIndex:
-    emb = encode_blocks(model.retriever.doc, data.blocks, cfg.refresh.batch_size)
-    return LiveIndex(IndexSnapshot(emb, version, step))
+def batch_rows(batch: Batch, a: int, b: int) -> Batch:
+    """Rows [a, b) of a batch: a trainer's micro batch of the global one."""
+    return Batch(batch.query_ids[a:b], batch.query_mask[a:b], batch.x_tokens[a:b], batch.positions[a:b],
+                 batch.targets[a:b], batch.target_mask[a:b], batch.source[a:b])
+
+
+def _mean_over_trainers(value: float, group: TrainerGroup) -> float:
+    if not group.distributed:
+        return value
+    import torch.distributed as dist
+
+    t = torch.tensor([value], dtype=torch.float64)
+    dist.all_reduce(t)
+    return float(t.item()) / group.size
+
+
+def _preempt_signal(group: TrainerGroup) -> int | None:
+    """The preemption signal if any trainer received one. Trainers stop at the same step boundary (checkpoints are
+    collective), so the flag is agreed on: the largest signal number over the trainers."""
+    signum = preempt.requested() or 0
+    if group.distributed:
+        import torch.distributed as dist
+
+        t = torch.tensor([signum], dtype=torch.int64)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        signum = int(t.item())
+    return signum or None
 
 
 class Pretrainer:
-    def __init__(self, cfg: Config, run_dir: str | Path, resume: bool = False, refresher_factory=None):
+    """One trainer's run. With several trainers (`group`) every trainer runs this same code in lockstep: ICT is
+    replicated, REALM steps are data-parallel (each trainer takes its slice of the global batch of a step), the
+    index is built by splitting the corpus, and trainer 0 alone writes metrics, checkpoints and the summary."""
+
+    def __init__(self, cfg: Config, run_dir: str | Path, resume: bool = False, refresher_factory=None,
+                 group: TrainerGroup = TrainerGroup()):
         self.cfg, self.run_dir, self.resume = cfg, Path(run_dir), resume
         self.refresher_factory = refresher_factory  # (data) -> refresher; None = inline
+        self.group = group
         self.t0 = time.perf_counter()
 
     # -- the whole run -------------------------------------------------------------------------------------------
@@ -71,7 +101,7 @@ class Pretrainer:
         cfg = self.cfg
         self.run_dir.mkdir(parents=True, exist_ok=True)
         torch.manual_seed(cfg.train.seed)
-        data = self.data = PretrainData(cfg, self.run_dir)
+        data = self.data = self._data()
         model = self.model = Realm(cfg, data.vocab_size)
         state = RunState()
         ckpt = None
@@ -82,16 +112,27 @@ class Pretrainer:
             print0(f"resuming at step {state.step} (ict done: {state.ict_done})")
         self.state = state
         # A resume without a checkpoint (stopped during ICT) redoes ICT: drop the stopped attempt's rows (-1).
-        self.log = MetricsLogger(self.run_dir, resume_step=self._global_step() if ckpt else -1 if self.resume else None)
+        self.log = MetricsLogger(self.run_dir, enabled=self.group.rank == 0,
+                                 resume_step=self._global_step() if ckpt else -1 if self.resume else None)
         try:
             if not state.ict_done:
                 self.ict()
-                self.checkpoint(live=None, opt=None, sched=None)
+                self.checkpoint(live=None, stepper=None)
             live = self.realm(ckpt)
             summary = self.finish(live)
         finally:
             self.log.close()
         return summary
+
+    def _data(self) -> PretrainData:
+        """Trainer 0 builds run_dir/data (tokenizer, block store) if missing; the others open it after."""
+        if not self.group.distributed:
+            return PretrainData(self.cfg, self.run_dir)
+        import torch.distributed as dist
+
+        data = PretrainData(self.cfg, self.run_dir) if self.group.rank == 0 else None
+        dist.barrier()
+        return data or PretrainData(self.cfg, self.run_dir, build=False)
 
     def _global_step(self) -> int:
         return self.state.ict_steps + self.state.step
@@ -100,7 +141,7 @@ class Pretrainer:
     def ict(self) -> None:
         cfg, data, model, state = self.cfg, self.data, self.model, self.state
         k = cfg.retrieval.k
-        state.recall_at_k_start = recall_at_k(model, data, fresh_index(model, data, cfg, 0, 0), k)
+        state.recall_at_k_start = recall_at_k(model, data, fresh_index(model, data, cfg, 0, 0, self.group), k)
         print0(f"recall@{k} at start: {state.recall_at_k_start:.3f} (chance {data.chance_recall(k):.3f})")
         self.log.log(0, phase="ict", recall_at_k=state.recall_at_k_start)
         state.recall_at_k_after_ict = state.recall_at_k_start
@@ -108,10 +149,11 @@ class Pretrainer:
             return
         opt = torch.optim.AdamW(model.retriever.parameters(), lr=cfg.ict.lr, weight_decay=cfg.optim.weight_decay)
         best, stalls = state.recall_at_k_start, 0
-        bar = tqdm(range(cfg.ict.steps), desc="ict", leave=False)
+        bar = tqdm(range(cfg.ict.steps), desc="ict", leave=False, disable=self.group.rank != 0)
         for step in bar:
-            if preempt.requested():  # ICT keeps no optimizer state in checkpoints: a resume restarts it
-                raise preempt.Preempted(preempt.requested(), state.ict_steps, checkpointed=False)
+            signum = _preempt_signal(self.group)
+            if signum:  # ICT keeps no optimizer state in checkpoints: a resume restarts it
+                raise preempt.Preempted(signum, state.ict_steps, checkpointed=False)
             queries, blocks = data.ict_batch(step, cfg.ict.batch_size, cfg.train.seed, cfg.ict.keep_sentence_prob)
             q = model.retriever.query(queries["input_ids"], queries["attention_mask"])
             g = model.retriever.doc(blocks["input_ids"], blocks["attention_mask"])
@@ -126,7 +168,7 @@ class Pretrainer:
             if state.ict_steps % cfg.train.log_every == 0:
                 self.log.log(state.ict_steps, phase="ict", ict_loss=loss.item())
             if state.ict_steps % cfg.ict.eval_every == 0 or state.ict_steps == cfg.ict.steps:
-                recall = recall_at_k(model, data, fresh_index(model, data, cfg, 0, 0), k)
+                recall = recall_at_k(model, data, fresh_index(model, data, cfg, 0, 0, self.group), k)
                 self.log.log(state.ict_steps, phase="ict", recall_at_k=recall)
                 state.recall_at_k_after_ict = recall
                 # ICT has converged when recall stops rising (two evaluations without a real gain).
@@ -139,25 +181,32 @@ class Pretrainer:
 
     # -- REALM -------------------------------------------------------------------------------------------------
     def realm(self, ckpt: dict | None) -> LiveIndex:
-        cfg, data, model, state = self.cfg, self.data, self.model, self.state
+        cfg, data, model, state, group = self.cfg, self.data, self.model, self.state, self.group
         k = cfg.retrieval.k
-        opt, sched = build_optimizer(model, cfg, cfg.optim.lr * cfg.optim.retriever_lr_scale)
-        if ckpt is not None and ckpt.get("optimizer") is not None:
-            opt.load_state_dict(ckpt["optimizer"])
-            sched.load_state_dict(ckpt["scheduler"])
-            idx = ckpt["index"]
-            live = LiveIndex(IndexSnapshot(idx["embeddings"], idx["version"], idx["weights_step"]))
-            set_rng_state(ckpt["rng"])
+        retriever_lr = cfg.optim.lr * cfg.optim.retriever_lr_scale
+        if group.distributed or cfg.train.deepspeed:
+            stepper = DeepSpeedStepper(model, cfg, retriever_lr, group.size)
         else:
-            live = fresh_index(model, data, cfg, 1, state.step)
+            stepper = LocalStepper(model, cfg, retriever_lr)
+        micro, accum = micro_batch_size(cfg, group.size), cfg.train.grad_accum
+        if ckpt is not None and ckpt.get("index") is not None:
+            stepper.load(ckpt, self.run_dir)
+            idx = ckpt["index"]
+            live = index_from_full(idx["embeddings"], idx["version"], idx["weights_step"], group, cfg.index.sharded)
+            ranks = ckpt.get("rng_ranks") or []
+            set_rng_state(ranks[group.rank] if len(ranks) == group.size else ckpt["rng"])
+        else:
+            live = fresh_index(model, data, cfg, 1, state.step, group)
             state.index_versions = 1
         refresher = (self.refresher_factory(data) if self.refresher_factory
-                     else InlineRefresher(data.blocks, cfg.refresh.every, cfg.refresh.batch_size))
+                     else InlineRefresher(data.blocks, cfg.refresh.every, cfg.refresh.batch_size, group,
+                                          cfg.index.sharded))
         bar = tqdm(range(state.step, cfg.train.steps), desc="realm", leave=False, initial=state.step,
-                   total=cfg.train.steps)
-        window, window_wait = [], 0.0
+                   total=cfg.train.steps, disable=group.rank != 0)
+        window, window_wait, window_s, warned_version = [], 0.0, 0.0, None
         try:
             for step in bar:
+                t_step = time.perf_counter()
                 row = {}
                 event = refresher.step_boundary(step, model.retriever.doc, live)
                 if event.swapped:
@@ -165,68 +214,102 @@ class Pretrainer:
                     state.refresh_steps.append(step)
                     self.log.mark_event(self._global_step(), "refresh")
                     row.update(refresh_encode_s=event.encode_s, refresh_docs_per_s=event.docs_per_s)
+                    if event.shards:  # [first row, end row, docs/s] per refresher
+                        row.update(refresh_shards=event.shards)
+                if event.lost:
+                    print0(f"warning: step {step}: no refresher answered for refresh.timeout_s="
+                           f"{cfg.refresh.timeout_s:g} s; training goes on with index v{live.version}, staleness grows")
+                    row.update(refresher_lost=1)
                 state.trainer_wait_s += event.wait_s
                 window_wait += event.wait_s
+                if live.staleness(step) > cfg.refresh.max_staleness and warned_version != live.version:
+                    warned_version = live.version
+                    print0(f"warning: step {step}: the index (v{live.version}) is {live.staleness(step)} steps "
+                           f"stale (> refresh.max_staleness={cfg.refresh.max_staleness}); refreshers too slow?")
+                    row.update(stale_warning=1)
                 warm = step < cfg.train.reader_warmup_steps
                 train_retriever = step >= cfg.train.reader_warmup_steps + cfg.train.retriever_freeze_steps
-                batch = data.train_batch(step, cfg.train.batch_size, cfg.train.seed)
-                out = model(batch, data, live, cfg.train.reader_warmup_k if warm else k, train_retriever,
-                            exclude_source=False if warm and cfg.train.warmup_allow_source else None)
-                loss = -out.log_marginal.mean()
-                if not math.isfinite(loss.item()):
-                    raise TrainingError(f"loss is {loss.item()} at step {step} (lower optim.lr or check the data)")
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
-                opt.step()
-                sched.step()
+                full_batch = data.train_batch(step, cfg.train.batch_size, cfg.train.seed)
+                losses = []
+                for m in range(accum):
+                    first = (m * group.size + group.rank) * micro  # the data of a step never depends on T
+                    batch = batch_rows(full_batch, first, first + micro) if micro < cfg.train.batch_size else full_batch
+                    out = stepper.module(batch, data, live, cfg.train.reader_warmup_k if warm else k, train_retriever,
+                                         exclude_source=False if warm and cfg.train.warmup_allow_source else None)
+                    loss = -out.log_marginal.mean()
+                    if not math.isfinite(loss.item()):
+                        raise TrainingError(f"loss is {loss.item()} at step {step} (lower optim.lr or check the data)")
+                    stepper.micro_step(loss)
+                    losses.append(loss.item())
+                step_loss = _mean_over_trainers(sum(losses) / len(losses), group)
                 state.step = step + 1
                 staleness = live.staleness(state.step)
                 state.max_staleness = max(state.max_staleness, staleness)
-                window.append(loss.item())
-                bar.set_postfix(loss=f"{loss.item():.3f}", v=live.version, stale=staleness)
+                window.append(step_loss)
+                window_s += time.perf_counter() - t_step
+                bar.set_postfix(loss=f"{step_loss:.3f}", v=live.version, stale=staleness)
                 if state.step % cfg.train.log_every == 0:
                     # wait_s: seconds the loop spent on the index since the last row (mpi: ~0; inline: re-encodes)
-                    row.update(loss=sum(window) / len(window), lr=sched.get_last_lr()[0], wait_s=window_wait)
-                    window, window_wait = [], 0.0
+                    row.update(loss=sum(window) / len(window), lr=stepper.lr(), wait_s=window_wait,
+                               wait_share=window_wait / max(window_s, 1e-9))
+                    window, window_wait, window_s = [], 0.0, 0.0
                 if state.step % cfg.train.eval_every == 0 or state.step == cfg.train.steps:
                     row.update(recall_at_k=recall_at_k(model, data, live, k),
                                mlm_acc=mlm_accuracy(model, data, live, k, cfg.eval.batch_size))
                 if row:
                     self.log.log(self._global_step(), phase="warmup" if warm else "realm", index_version=live.version,
                                  staleness=staleness, **row)
-                signum = preempt.requested()
+                signum = _preempt_signal(group)
                 if state.step < cfg.train.steps and (state.step % cfg.train.checkpoint_every == 0 or signum):
-                    self.checkpoint(live, opt, sched)
+                    self.checkpoint(live, stepper)
                     if signum:
                         raise preempt.Preempted(signum, self._global_step())
         finally:
             refresher.close()
-        self.checkpoint(live, opt, sched)
+        self.checkpoint(live, stepper)
         return live
 
     # -- checkpoint, evaluation, summary ----------------------------------------------------------------------
-    def checkpoint(self, live: LiveIndex | None, opt, sched) -> None:
+    def checkpoint(self, live: LiveIndex | None, stepper) -> None:
+        """Collective over the trainers: DeepSpeed shards first, then trainer 0 commits state.pt naming them."""
         self.state.wall_s += time.perf_counter() - self.t0
         self.t0 = time.perf_counter()
-        st = self.state
-        payload = {
-            "model": self.model.state_dict(),
-            "optimizer": opt.state_dict() if opt is not None else None,
-            "scheduler": sched.state_dict() if sched is not None else None,
-            "run_state": {k: getattr(st, k) for k in RunState.__dataclass_fields__},
-            "rng": rng_state(),
-            "data_position": st.step * self.cfg.train.batch_size,
-            "index": None if live is None else {"embeddings": live.snapshot.embeddings,
-                                                "version": live.snapshot.version,
-                                                "weights_step": live.snapshot.weights_step},
-        }
-        save_checkpoint(self.run_dir / "checkpoint", payload)
+        st, group = self.state, self.group
+        tag = f"step{st.step}"
+        if stepper is not None:
+            stepper.save(self.run_dir, tag)
+        embeddings = None if live is None else full_embeddings(live)
+        rngs = [rng_state()]
+        if group.distributed:
+            import torch.distributed as dist
+
+            rngs = [None] * group.size
+            dist.all_gather_object(rngs, rng_state())
+        if group.rank == 0:
+            payload = {
+                "model": self.model.state_dict(),
+                **(stepper.state() if stepper is not None else {"optimizer": None, "scheduler": None}),
+                "deepspeed_tag": tag if isinstance(stepper, DeepSpeedStepper) else None,
+                "run_state": {k: getattr(st, k) for k in RunState.__dataclass_fields__},
+                "rng": rngs[0],
+                "rng_ranks": rngs,
+                "data_position": st.step * self.cfg.train.batch_size,
+                "index": None if live is None else {"embeddings": embeddings, "version": live.snapshot.version,
+                                                    "weights_step": live.snapshot.weights_step},
+            }
+            save_checkpoint(self.run_dir / "checkpoint", payload)
+            if stepper is not None:
+                stepper.prune(self.run_dir, tag)
+        if group.distributed:
+            import torch.distributed as dist
+
+            dist.barrier()
 
     def finish(self, live: LiveIndex) -> dict:
         cfg, data, model, st = self.cfg, self.data, self.model, self.state
         k = cfg.retrieval.k
-        final = fresh_index(model, data, cfg, live.version + 1, st.step)  # evaluate the final encoder, not a stale one
+        # evaluate the final encoder, not a stale one
+        final = fresh_index(model, data, cfg, live.version + 1, st.step, self.group)
         summary = {
             "recipe": cfg.recipe, "steps": st.step, "corpus_docs": len(data.blocks), "k": k,
             f"recall_at_{k}_start": st.recall_at_k_start,
@@ -241,6 +324,10 @@ class Pretrainer:
             "refresh_mode": cfg.refresh.mode,
             "eval_examples": len(data.eval),
         }
+        if self.group.distributed:
+            summary.update(trainers=self.group.size, index_sharded=cfg.index.sharded)
+        if self.group.rank != 0:
+            return summary
         if cfg.eval.closed_book_baseline:
             summary["mlm_acc_closed_book"] = self.closed_book_baseline()
         summary["wall_s"] = st.wall_s + time.perf_counter() - self.t0

@@ -34,3 +34,18 @@ def test_preempted_during_ict_exits_without_a_checkpoint(tmp_path, monkeypatch, 
     assert (tmp_path / "config.json").exists()  # what the job scripts look for to add --resume
     err = capsys.readouterr().err
     assert "preempted by SIGTERM at step 0: no checkpoint" in err
+
+
+def test_an_ignored_signal_stays_ignored():
+    """`trap "" USR1` in the launching shell opts out of USR1 preemption; SIGTERM still preempts."""
+    old = signal.signal(signal.SIGUSR1, signal.SIG_IGN)
+    try:
+        with preempt.handlers():
+            assert signal.getsignal(signal.SIGUSR1) == signal.SIG_IGN
+            os.kill(os.getpid(), signal.SIGUSR1)
+            assert preempt.requested() is None
+            os.kill(os.getpid(), signal.SIGTERM)
+            assert preempt.requested() == signal.SIGTERM
+        assert signal.getsignal(signal.SIGUSR1) == signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGUSR1, old)

@@ -6,7 +6,6 @@ Timing (2 cores, OMP_NUM_THREADS=1 from conftest): the whole module ~20 s. The f
 import json
 import shutil
 import time
-from pathlib import Path
 
 import numpy as np
 import pytest

@@ -14,7 +14,7 @@ import torch
 
 from realm_hpc.config import Config
 from realm_hpc.data.blocks import BlockStore
-from realm_hpc.data.corpus import Doc, read_corpus, write_jsonl
+from realm_hpc.data.corpus import read_corpus, write_jsonl
 from realm_hpc.data.masking import (TokenizedSentence, char_to_token_span, mask_sentence, salient_spans,
                                     tokenize_sentences)
 from realm_hpc.data.tokenizer import load_tokenizer, train_wordpiece

@@ -12,7 +12,8 @@ from realm_hpc.config import ModelConfig
 def bert_config(cfg: ModelConfig, vocab_size: int, max_len: int) -> BertConfig:
     return BertConfig(vocab_size=vocab_size, hidden_size=cfg.hidden, num_hidden_layers=cfg.layers,
                       num_attention_heads=cfg.heads, intermediate_size=cfg.intermediate,
-                      max_position_embeddings=max(512, max_len))
+                      max_position_embeddings=max(512, max_len), hidden_dropout_prob=cfg.dropout,
+                      attention_probs_dropout_prob=cfg.dropout)
 
 
 def build_bert(cfg: ModelConfig, vocab_size: int, max_len: int) -> BertModel:

@@ -4,11 +4,13 @@ The MPI protocol, all of it (so more trainers or refreshers is a change of count
 - trainer 0 -> each refresher: TAG_READY once (the run directory), then per refresh TAG_HEADER
   [version, weights_step, n_floats] and TAG_WEIGHTS (the doc encoder's flat float32 parameters), finally
   TAG_STOP;
-- each refresher -> trainer 0: TAG_STATS [version, encode_s] and TAG_EMBEDDINGS, its shard's rows (shard =
-  the refresher's slice of the corpus by arithmetic).
+- each refresher -> trainer 0: TAG_STATS [version, encode_s, first row, end row] and TAG_EMBEDDINGS, its
+  shard's rows (shard = the refresher's slice of the corpus by arithmetic).
 Trainer 0 talks MPI only from a background thread that polls with short sleeps: mpich's blocking calls spin a
 core, and a large message only moves while both sides call into MPI. The training loop just takes a finished
 index from a slot between steps (double buffer), so it never waits on a refresh.
+With several trainers, trainer 0 alone talks to the refreshers; `TrainerBroadcastRefresher` makes every trainer
+swap the same version at the same step (trainer 0 decides and broadcasts over torch.distributed).
 """
 
 from __future__ import annotations
@@ -58,20 +60,33 @@ class RefreshEvent:
     wait_s: float = 0.0  # time the training loop spent here
     encode_s: float = 0.0  # time to re-encode (inline: blocking; mpi: on the refreshers)
     docs_per_s: float = 0.0
+    shards: list | None = None  # mpi: per refresher [first row, end row, docs/s] of the version swapped in
+    lost: bool = False  # mpi: the refreshers stopped answering at this boundary; no further versions will come
 
 
 class InlineRefresher:
-    """The blocking baseline (and the single-process debug path): re-encode every `every` steps, in the loop."""
+    """The blocking baseline (and the trainers-only debug path): re-encode every `every` steps, in the loop.
 
-    def __init__(self, blocks, every: int, batch_size: int):
+    With several trainers (`group`) each encodes its slice of the corpus; `build_index` gathers them or, for a
+    sharded index, keeps them where they are.
+    """
+
+    def __init__(self, blocks, every: int, batch_size: int, group=None, sharded: bool = False):
         self.blocks, self.every, self.batch_size = blocks, every, batch_size
+        self.group, self.sharded = group, sharded
 
     def step_boundary(self, step: int, doc_encoder: torch.nn.Module, live: LiveIndex) -> RefreshEvent:
         if step == 0 or step % self.every:
             return RefreshEvent()
         t0 = time.perf_counter()
-        emb = encode_blocks(doc_encoder, self.blocks, self.batch_size)
-        live.swap(IndexSnapshot(emb, live.version + 1, step))
+        if self.group is not None and self.group.distributed:
+            from realm_hpc.retrieval.sharded import build_index
+
+            snapshot = build_index(doc_encoder, self.blocks, self.batch_size, live.version + 1, step, self.group,
+                                   self.sharded).snapshot
+        else:
+            snapshot = IndexSnapshot(encode_blocks(doc_encoder, self.blocks, self.batch_size), live.version + 1, step)
+        live.swap(snapshot)
         spent = time.perf_counter() - t0
         return RefreshEvent(swapped=True, sent=True, wait_s=spent, encode_s=spent, docs_per_s=len(self.blocks) / spent)
 
@@ -82,11 +97,14 @@ class InlineRefresher:
 class MPIRefresher:
     """Trainer 0's side: hands weight snapshots to the refresher ranks and collects the new index."""
 
-    def __init__(self, comm, refreshers: list[int], n_docs: int, dim: int, every: int, run_dir: str):
+    def __init__(self, comm, refreshers: list[int], n_docs: int, dim: int, every: int, run_dir: str,
+                 timeout_s: float = 0.0):
         self.comm, self.refreshers, self.n_docs, self.dim, self.every = comm, refreshers, n_docs, dim, every
+        # mpich reports no error for a dead rank: a refresh in flight for longer than this means it is gone.
+        self.timeout_s, self.lost, self._sent_at = timeout_s, False, 0.0
         self._todo: queue.Queue = queue.Queue()
         self._done: IndexSnapshot | None = None
-        self._done_stats: tuple[float, float] = (0.0, 0.0)
+        self._done_stats = np.zeros((len(refreshers), 4))
         self._lock = threading.Lock()
         self._busy = False
         self._error: BaseException | None = None
@@ -98,24 +116,52 @@ class MPIRefresher:
 
     def step_boundary(self, step: int, doc_encoder: torch.nn.Module, live: LiveIndex) -> RefreshEvent:
         t0 = time.perf_counter()
+        event = RefreshEvent()
+        done = self.take()
+        if done is not None:
+            live.swap(done)
+            self.fill_event(event)
+        event.lost = self.check_lost()
+        event.sent = self.maybe_send(step, doc_encoder, live.version, live.snapshot.weights_step)
+        event.wait_s = time.perf_counter() - t0
+        return event
+
+    def take(self) -> IndexSnapshot | None:
+        """The finished next version, if one has landed (once)."""
         if self._error is not None:
             raise RuntimeError(f"index refresh failed: {self._error}")
-        event = RefreshEvent()
         with self._lock:
             done, self._done = self._done, None
         if done is not None:
-            live.swap(done)
             self._busy = False
-            event.swapped = True
-            event.encode_s, docs = self._done_stats
-            event.docs_per_s = docs / max(event.encode_s, 1e-9)
+        return done
+
+    def check_lost(self) -> bool:
+        """True once, at the first boundary where the refresh in flight is older than timeout_s. From then on the
+        trainers keep their last index (its staleness grows) and nothing more is sent."""
+        if self.lost or not self._busy or self.timeout_s <= 0:
+            return False
+        if time.perf_counter() - self._sent_at > self.timeout_s:
+            self.lost = True
+            return True
+        return False
+
+    def fill_event(self, event: RefreshEvent) -> None:
+        """Stats of the version `take` returned: the slowest refresher's encode time, each refresher's shard."""
+        event.swapped = True
+        per = self._done_stats
+        event.encode_s = float(per[:, 1].max())
+        event.docs_per_s = self.n_docs / max(event.encode_s, 1e-9)
+        event.shards = [[int(a), int(b), float((b - a) / max(t, 1e-9))] for _, t, a, b in per.tolist()]
+
+    def maybe_send(self, step: int, doc_encoder: torch.nn.Module, version: int, weights_step: int) -> bool:
         # The first snapshot counts from the weights that built the live index, so v2 is never a re-encode of v1.
-        last = self.last_sent if self.last_sent is not None else live.snapshot.weights_step
-        if not self._busy and step - last >= self.every:
-            self._todo.put((live.version + 1, step, flatten_params(doc_encoder)))
-            self._busy, self.last_sent, event.sent = True, step, True
-        event.wait_s = time.perf_counter() - t0
-        return event
+        last = self.last_sent if self.last_sent is not None else weights_step
+        if self.lost or self._busy or step - last < self.every:
+            return False
+        self._todo.put((version + 1, step, flatten_params(doc_encoder)))
+        self._busy, self.last_sent, self._sent_at = True, step, time.perf_counter()
+        return True
 
     def _serve(self) -> None:
         try:
@@ -132,7 +178,7 @@ class MPIRefresher:
                     sends += [self.comm.Isend(header, dest=r, tag=TAG_HEADER),
                               self.comm.Isend(flat, dest=r, tag=TAG_WEIGHTS)]
                 back = np.empty((self.n_docs, self.dim), dtype=np.float32)  # the back buffer of version v+1
-                stats = np.zeros((len(self.refreshers), 2), dtype=np.float64)
+                stats = np.zeros((len(self.refreshers), 4), dtype=np.float64)
                 recvs = []
                 for i, r in enumerate(self.refreshers):
                     rows = shard_range(self.n_docs, len(self.refreshers), i)
@@ -142,12 +188,14 @@ class MPIRefresher:
                     _wait(req)
                 with self._lock:
                     self._done = IndexSnapshot(torch.from_numpy(back), version, step)
-                    self._done_stats = (float(stats[:, 1].max()), float(self.n_docs))
+                    self._done_stats = stats
         except BaseException as e:  # surfaced to the training loop at the next step boundary
             self._error = e
 
     def close(self, timeout_s: float = 60.0) -> None:
         """Let an in-flight refresh land (bounded), then stop the refreshers."""
+        if self.lost:
+            return  # the comm thread waits on a dead rank forever (a daemon thread: it does not block the exit)
         deadline = time.perf_counter() + timeout_s
         while self._busy and self._done is None and time.perf_counter() < deadline and self._error is None:
             time.sleep(0.01)
@@ -184,6 +232,48 @@ def serve_refresher(comm, trainer: int, shard_index: int, n_shards: int, make_en
         load_flat_params(encoder, flat)
         t0 = time.perf_counter()
         emb = np.ascontiguousarray(encode_blocks(encoder, blocks, batch_size, indices=rows).numpy())
-        stats = np.asarray([header[0], time.perf_counter() - t0], dtype=np.float64)
+        # What this rank encoded, reported back so the trainers can check the shards tile the corpus.
+        stats = np.asarray([header[0], time.perf_counter() - t0, rows.start, rows.stop], dtype=np.float64)
         _wait(comm.Isend(stats, dest=trainer, tag=TAG_STATS))
         _wait(comm.Isend(emb, dest=trainer, tag=TAG_EMBEDDINGS))
+
+
+class TrainerBroadcastRefresher:
+    """Several trainers, one MPIRefresher (on trainer 0). At each step boundary trainer 0 broadcasts whether a new
+    version is in; if so, the embeddings follow (a torch.distributed broadcast) and every trainer swaps it in
+    before the same step. The decision is trainer 0's, so the trainers never disagree on the version they use."""
+
+    def __init__(self, inner: MPIRefresher | None, group, n_docs: int, dim: int):
+        self.inner, self.group, self.n_docs, self.dim = inner, group, n_docs, dim
+        self.lost = False
+
+    def step_boundary(self, step: int, doc_encoder: torch.nn.Module, live: LiveIndex) -> RefreshEvent:
+        import torch.distributed as dist
+
+        t0 = time.perf_counter()
+        event = RefreshEvent()
+        done = self.inner.take() if self.inner is not None else None
+        lost = self.inner.check_lost() if self.inner is not None else False
+        head = torch.tensor([done is not None, done.version if done else 0, done.weights_step if done else 0, lost],
+                            dtype=torch.long)
+        dist.broadcast(head, src=0)
+        if head[3]:
+            self.lost = event.lost = True
+        if head[0]:
+            full = done.embeddings if done is not None else torch.empty(self.n_docs, self.dim)
+            dist.broadcast(full, src=0)
+            if hasattr(live, "swap_full"):
+                live.swap_full(full, int(head[1]), int(head[2]))
+            else:
+                live.swap(IndexSnapshot(full, int(head[1]), int(head[2])))
+            if self.inner is not None:
+                self.inner.fill_event(event)
+            event.swapped = True
+        if self.inner is not None:
+            event.sent = self.inner.maybe_send(step, doc_encoder, live.version, live.snapshot.weights_step)
+        event.wait_s = time.perf_counter() - t0
+        return event
+
+    def close(self) -> None:
+        if self.inner is not None:
+            self.inner.close()

@@ -1,0 +1,52 @@
+"""The DeepSpeed config the trainers get: the JSON's engine settings completed from the run config, never a
+silent disagreement between the two."""
+
+import json
+from pathlib import Path
+
+import pytest
+
+from realm_hpc.config import ConfigError
+from realm_hpc.optim import deepspeed_config, micro_batch_size
+from realm_hpc.recipes import get_recipe
+
+CONFIGS = Path(__file__).parents[1] / "configs"
+
+
+@pytest.mark.parametrize("name,stage", [("ds_zero1.json", 1), ("ds_zero2.json", 2)])
+def test_shipped_json_is_completed_from_the_run_config(name, stage):
+    cfg = get_recipe("tiny")
+    cfg.train.deepspeed, cfg.train.batch_size, cfg.train.grad_accum = str(CONFIGS / name), 16, 2
+    ds = deepspeed_config(cfg, n_trainers=2)
+    assert ds["zero_optimization"]["stage"] == stage
+    sizes = (ds["train_batch_size"], ds["train_micro_batch_size_per_gpu"], ds["gradient_accumulation_steps"])
+    assert sizes == (16, 4, 2)
+    assert ds["train_batch_size"] == ds["train_micro_batch_size_per_gpu"] * 2 * ds["gradient_accumulation_steps"]
+    assert ds["optimizer"]["params"]["lr"] == cfg.optim.lr and ds["gradient_clipping"] == cfg.optim.grad_clip
+    assert ds["optimizer"]["params"]["torch_adam"] is True  # the CPU-safe AdamW (../shared/FACTS.md)
+
+
+def test_contradictions_and_bad_files_are_one_line_errors(tmp_path):
+    cfg = get_recipe("tiny")
+    bad = tmp_path / "ds.json"
+    bad.write_text(json.dumps({"train_batch_size": 64, "zero_optimization": {"stage": 2}}))
+    cfg.train.deepspeed = str(bad)
+    with pytest.raises(ConfigError, match=r"ds\.json: train_batch_size=64 contradicts the run config \(16\)"):
+        deepspeed_config(cfg, 1)
+    bad.write_text('{"zero_optimization": {"stage": 3}}')
+    with pytest.raises(ConfigError, match="stage=3"):
+        deepspeed_config(cfg, 1)
+    bad.write_text('{\n  "zero_optimization": ,\n}')
+    with pytest.raises(ConfigError, match=r"ds\.json:2: invalid JSON"):
+        deepspeed_config(cfg, 1)
+    cfg.train.deepspeed = str(tmp_path / "missing.json")
+    with pytest.raises(ConfigError, match="missing.json: no such file"):
+        deepspeed_config(cfg, 1)
+    with pytest.raises(ConfigError, match=r"train.batch_size=16 is not divisible by trainers \(3\)"):
+        micro_batch_size(cfg, 3)
+
+
+def test_default_without_a_json_is_zero2():
+    cfg = get_recipe("tiny")
+    ds = deepspeed_config(cfg, 2)
+    assert ds["zero_optimization"]["stage"] == 2 and ds["train_micro_batch_size_per_gpu"] == 8

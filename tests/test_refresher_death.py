@@ -1,0 +1,83 @@
+"""A refresher rank that dies does not stop training: trainers keep the last index, staleness grows and is logged.
+
+mpich's hydra kills every rank when one dies by a signal; `-disable-auto-cleanup` plus a shell that turns the kill
+into an exit status (../shared/FACTS.md) keeps the trainers alive. The trainers notice by a timeout
+(`refresh.timeout_s`): mpich reports no error for a dead rank.
+"""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from test_scale import MPIEXEC, REALM, SMALL, TIMEOUT_S, _env, _rows_if_any
+
+pytestmark = [pytest.mark.slow, pytest.mark.skipif(MPIEXEC is None, reason="mpiexec not found")]
+
+
+def _descendants(pid: int) -> list[int]:
+    out, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        try:
+            for task in Path(f"/proc/{p}/task").iterdir():
+                kids = [int(c) for c in (task / "children").read_text().split()]
+                out += kids
+                todo += kids
+        except FileNotFoundError:
+            continue
+    return out
+
+
+def _world_rank(pid: int) -> int | None:
+    try:
+        env = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+        cmd = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except (FileNotFoundError, PermissionError):
+        return None
+    if b"realm_hpc" not in cmd or not cmd.startswith(sys.executable.encode()):
+        return None
+    ranks = [e.split(b"=", 1)[1] for e in env if e.startswith(b"PMI_RANK=")]
+    return int(ranks[0]) if ranks else None
+
+
+def test_training_survives_a_killed_refresher(tmp_path):
+    pytest.importorskip("mpi4py")
+    out, steps = tmp_path / "run", 30
+    cmd = " ".join(str(c) for c in [*REALM, "pretrain", "--out", out, "--steps", steps, "--refreshers", 1, *SMALL,
+                                    "--set", "refresh.mode=mpi", "--set", "refresh.every=3",
+                                    "--set", "refresh.timeout_s=3", "--set", "train.reader_warmup_steps=4"])
+    launcher = subprocess.Popen([str(MPIEXEC), "-disable-auto-cleanup", "-n", "2", "bash", "-c",
+                                 f'trap "" USR1; {cmd}; exit $?'], cwd=tmp_path, env=_env(),
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.time() + TIMEOUT_S
+        while not any(r["index_version"] >= 2 for r in _rows_if_any(out)):
+            assert launcher.poll() is None, f"ended early:\n{launcher.stderr.read()[-3000:]}"
+            assert time.time() < deadline
+            time.sleep(0.2)
+        refresher = [p for p in _descendants(launcher.pid) if _world_rank(p) == 1]
+        assert len(refresher) == 1, refresher
+        os.kill(refresher[0], signal.SIGKILL)
+        stdout, stderr = launcher.communicate(timeout=TIMEOUT_S)
+    finally:
+        if launcher.poll() is None:
+            launcher.kill()
+            launcher.wait()
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["steps"] == steps, summary  # the trainer finished its run
+    rows = _rows_if_any(out)
+    lost = [r for r in rows if r.get("refresher_lost")]
+    assert len(lost) == 1, "the loss of the refresher is logged once"
+    after = [r for r in rows if r["step"] >= lost[0]["step"]]
+    # No new version after the loss; staleness keeps growing to the end of the run.
+    assert len({r["index_version"] for r in after}) == 1
+    stale = [r["staleness"] for r in after]
+    assert stale == sorted(stale) and stale[-1] > stale[0] and stale[-1] > 3
+    assert summary["max_staleness_steps"] == stale[-1]
+    assert "refresher" in stderr + stdout
