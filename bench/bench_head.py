@@ -15,7 +15,9 @@ gradients, the same bytes in both methods, are counted in both):
   (chunks below glibc's 32 MiB mmap threshold are recycled through the heap) blur it both ways.
 - grads_mb: the gradients the step leaves (dominated by the [V, H] weight gradient, 89 MiB in fp32 at BERT-base,
   which any implementation must produce); extra_mb = peak_mb - grads_mb: the head's own transient and activation
-  memory (logits, softmax, their gradients; chunks for the fused path).
+  memory (logits, softmax, their gradients; chunks for the fused path). The naive path peaks in the log-softmax
+  backward, before its weight gradient exists, so its extra_mb understates it: extra_ratio is a lower bound.
+  With the weight gradient counted, peak_ratio can never exceed naive peak / grads_mb (4.3x at the defaults).
 - saved_mb: bytes the autograd graph keeps from forward to backward beyond the inputs and parameters
   (torch.autograd.graph.saved_tensors_hooks, deduplicated by storage): what the head adds to a training step's
   activation memory while the encoder's backward is still to come.
