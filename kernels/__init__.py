@@ -1,17 +1,18 @@
-"""Retrieval kernels for realm-hpc: exact inner-product top-k and the marginal log-sum-exp loss.
+"""Kernels for realm-hpc: exact inner-product top-k, the marginal log-sum-exp loss, the chunked MLM head loss.
 
-The two functions below are the only entry points; each picks Triton or the torch reference at call time
-(see kernels.dispatch, env REALM_HPC_KERNELS). This package imports nothing from realm_hpc.
+The functions below are the only entry points; ip_topk and marginal_logsumexp pick Triton or the torch reference
+at call time (see kernels.dispatch, env REALM_HPC_KERNELS). This package imports nothing from realm_hpc.
 Layout (Liger-Kernel style, one kernel per file): ip_topk.py and marginal_lse.py hold @triton.jit kernels,
-launchers and autograd glue; reference.py the torch definitions; aot.py the compile-for-GPU check.
+launchers and autograd glue; target_logprob.py the reader's MLM loss chunked over the vocabulary (torch GEMMs, no
+Triton); reference.py the torch definitions; aot.py the compile-for-GPU check.
 """
 
 import sys
 import types
 
-from kernels.dispatch import ip_topk, marginal_logsumexp
+from kernels.dispatch import ip_topk, marginal_logsumexp, target_logprob
 
-__all__ = ["ip_topk", "marginal_logsumexp"]
+__all__ = ["ip_topk", "marginal_logsumexp", "target_logprob"]
 
 
 class _Package(types.ModuleType):

@@ -85,3 +85,17 @@ def marginal_logsumexp(retrieval_scores: torch.Tensor, reader_logprob: torch.Ten
     if mod is None:
         return reference.marginal_logsumexp_reference(retrieval_scores, reader_logprob)
     return mod.marginal_logsumexp_triton(retrieval_scores, reader_logprob)
+
+
+def target_logprob(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, targets: torch.Tensor,
+                   target_mask: torch.Tensor, chunk_size: int | None = None) -> torch.Tensor:
+    """sum_t mask * log_softmax(hidden @ weight.T + bias)[targets] per row of hidden [n, T, H]: [n] float32.
+
+    Computed over the vocabulary in chunks (online log-sum-exp forward, recomputing backward), so [n, T, V] logits
+    never exist; differentiable in hidden, weight and bias. Every mode runs the chunked torch implementation
+    (kernels/target_logprob.py has no Triton kernel: its work is GEMMs); the mode is still validated.
+    """
+    mode()
+    from kernels.target_logprob import target_logprob_chunked  # no Triton import: safe in every process
+
+    return target_logprob_chunked(hidden, weight, bias, targets, target_mask, chunk_size)

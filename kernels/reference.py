@@ -3,11 +3,14 @@
 Both functions are exact definitions the Triton kernels are tested against, and fast enough on CPU to be the
 real implementation there: ``ip_topk_reference`` streams the index in chunks (never a B x N score matrix for
 large N) and ``marginal_logsumexp_reference`` is a few fused-by-torch ops with autograd.
+``target_logprob_reference`` is the naive MLM head loss (full [n, T, V] logits): the definition the chunked
+kernels/target_logprob.py is tested against, not a path training takes.
 """
 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 MAX_K = 64
@@ -177,3 +180,44 @@ def marginal_logsumexp_reference(retrieval_scores: torch.Tensor, reader_logprob:
     v = torch.where(dead[..., None], zero, v)
     out = torch.logsumexp(v, dim=-1) - torch.logsumexp(t, dim=-1)
     return torch.where(dead, torch.full((), float("-inf"), dtype=dtype, device=r.device), out)
+
+
+def check_target_logprob_args(hidden, weight, bias, targets, target_mask, chunk_size) -> None:
+    """Shared argument checks so the chunked and naive paths fail the same way on bad input."""
+    if hidden.dim() != 3 or weight.dim() != 2:
+        raise ValueError(f"target_logprob: hidden must be [n, T, H] and weight [V, H], "
+                         f"got {tuple(hidden.shape)} and {tuple(weight.shape)}")
+    if hidden.shape[-1] != weight.shape[1]:
+        raise ValueError(f"target_logprob: hidden has H={hidden.shape[-1]} but weight has H={weight.shape[1]}")
+    if bias is not None and bias.shape != (weight.shape[0],):
+        raise ValueError(f"target_logprob: bias must be [V]={weight.shape[0]}, got {tuple(bias.shape)}")
+    if targets.shape != hidden.shape[:2] or target_mask.shape != hidden.shape[:2]:
+        raise ValueError(f"target_logprob: targets and target_mask must be [n, T]={tuple(hidden.shape[:2])}, "
+                         f"got {tuple(targets.shape)} and {tuple(target_mask.shape)}")
+    if targets.dtype.is_floating_point or targets.dtype == torch.bool:
+        raise ValueError(f"target_logprob: targets must be integer ids, got {targets.dtype}")
+    if not (hidden.dtype.is_floating_point and weight.dtype.is_floating_point):
+        raise ValueError(f"target_logprob: hidden and weight must be floating point, "
+                         f"got {hidden.dtype}, {weight.dtype}")
+    if chunk_size is not None and (not isinstance(chunk_size, int) or chunk_size < 1):
+        raise ValueError(f"target_logprob: chunk_size must be a positive int, got {chunk_size!r}")
+    if weight.shape[0] < 1:
+        raise ValueError("target_logprob: empty vocabulary")
+    real = target_mask != 0
+    if bool((real & ((targets < 0) | (targets >= weight.shape[0]))).any()):
+        raise ValueError(f"target_logprob: a target id under the mask is outside [0, V={weight.shape[0]})")
+
+
+def target_logprob_reference(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                             targets: torch.Tensor, target_mask: torch.Tensor) -> torch.Tensor:
+    """sum_t mask * log_softmax(hidden @ weight.T + bias)[targets] per row: [n], the naive way (full [n, T, V]
+    logits, as BertForMaskedLM's head + log_softmax + gather). float32 result (float64 inputs: float64)."""
+    check_target_logprob_args(hidden, weight, bias, targets, target_mask, None)
+    dtype = torch.promote_types(hidden.dtype, weight.dtype)
+    if bias is not None:
+        dtype = torch.promote_types(dtype, bias.dtype)
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    logits = F.linear(hidden.to(dtype), weight.to(dtype), None if bias is None else bias.to(dtype))
+    logp = torch.log_softmax(logits.to(acc), dim=-1)
+    t = torch.where(target_mask != 0, targets, 0).to(torch.int64)  # padding ids may be out of range
+    return (logp.gather(2, t.unsqueeze(-1)).squeeze(-1) * target_mask.to(acc)).sum(dim=1)

@@ -2,7 +2,8 @@
 
 The copy head (a gate between the vocabulary softmax and attention from the masked position over z's tokens)
 is what lets a small reader trained from scratch learn to use documents within minutes (../shared/FACTS.md).
-Only the masked positions are projected onto the vocabulary: [n, L, V] logits are never built.
+Only the masked positions are projected onto the vocabulary: [n, L, V] logits are never built, and the plain-MLM
+loss (no copy head) goes through kernels.target_logprob, chunked over V: not even [n, T, V] logits.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import BertForMaskedLM
 
+import kernels
 from realm_hpc.config import ModelConfig
 from realm_hpc.models.encoders import bert_config
 
@@ -30,6 +32,12 @@ class Reader(nn.Module):
             self.copy_key = nn.Linear(hidden, hidden)
             self.copy_gate = nn.Linear(hidden, 1)
 
+    def _encode(self, input_ids, attention_mask, token_type_ids, positions):
+        """(last hidden states [n, L, H], those at the masked positions [n, T, H])."""
+        hidden = self.mlm.bert(input_ids=input_ids, attention_mask=attention_mask,
+                               token_type_ids=token_type_ids).last_hidden_state
+        return hidden, torch.gather(hidden, 1, positions.unsqueeze(-1).expand(-1, -1, hidden.size(-1)))
+
     def token_logprobs(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, token_type_ids: torch.Tensor,
                        positions: torch.Tensor, doc_mask: torch.Tensor) -> torch.Tensor:
         """Log-distribution over the vocabulary at each masked position: [n, T, V].
@@ -37,9 +45,7 @@ class Reader(nn.Module):
         positions: [n, T] masked positions (padded entries point at 0 and are ignored by the caller);
         doc_mask: [n, L] True on the tokens of z the copy head may point at.
         """
-        hidden = self.mlm.bert(input_ids=input_ids, attention_mask=attention_mask,
-                               token_type_ids=token_type_ids).last_hidden_state
-        at = torch.gather(hidden, 1, positions.unsqueeze(-1).expand(-1, -1, hidden.size(-1)))  # [n, T, H]
+        hidden, at = self._encode(input_ids, attention_mask, token_type_ids, positions)
         vocab_logp = F.log_softmax(self.mlm.cls(at).float(), dim=-1)
         if not self.copy_head:
             return vocab_logp
@@ -56,7 +62,16 @@ class Reader(nn.Module):
 
     def target_logprob(self, input_ids, attention_mask, token_type_ids, positions, targets, target_mask,
                        doc_mask) -> torch.Tensor:
-        """log p(y | z, x) of the whole masked span (sum over its tokens): [n]."""
+        """log p(y | z, x) of the whole masked span (sum over its tokens): [n].
+
+        Without the copy head the vocabulary projection runs chunked (kernels.target_logprob), so the [n, T, V]
+        log-softmax of token_logprobs is never built for the loss.
+        """
+        if not self.copy_head:
+            _, at = self._encode(input_ids, attention_mask, token_type_ids, positions)
+            head = self.mlm.cls.predictions
+            return kernels.target_logprob(head.transform(at), head.decoder.weight, head.decoder.bias,
+                                          targets, target_mask)
         logp = self.token_logprobs(input_ids, attention_mask, token_type_ids, positions, doc_mask)
         picked = torch.gather(logp, 2, targets.unsqueeze(-1)).squeeze(-1)
         return (picked * target_mask).sum(dim=1)
