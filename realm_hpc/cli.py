@@ -42,6 +42,10 @@ def _parser() -> argparse.ArgumentParser:
     ev.add_argument("--run", required=True)
     ev.add_argument("--qa", help="a .qa.csv/.jsonl file: exact match and recall@k of a fine-tuned run")
 
+    ex = sub.add_parser("export", help="a run's query encoder, doc encoder and reader as plain HF directories")
+    ex.add_argument("--run", required=True, help="a run directory (its checkpoint)")
+    ex.add_argument("--out", required=True, help="the export directory (written atomically)")
+
     bi = sub.add_parser("build-index", help="encode a corpus with a checkpoint's doc encoder into an index directory")
     bi.add_argument("--run", help="a run directory: its checkpoint and its corpus")
     bi.add_argument("--checkpoint", help="a checkpoint directory (config.json in it or beside it); needs --corpus")
@@ -98,7 +102,7 @@ def main(argv: list[str] | None = None) -> None:
     try:
         # SIGUSR1/SIGTERM -> checkpoint at the next step boundary; other commands keep the default (terminate).
         with preempt.handlers() if args.command in PREEMPTIBLE else nullcontext():
-            {"pretrain": cmd_pretrain, "finetune": cmd_finetune, "evaluate": cmd_evaluate,
+            {"pretrain": cmd_pretrain, "finetune": cmd_finetune, "evaluate": cmd_evaluate, "export": cmd_export,
              "build-index": cmd_build_index, "retrieve": cmd_retrieve, "bench": cmd_bench}[args.command](args)
     except preempt.Preempted as e:
         # Not an error: a clean exit that job scripts (slurm/*.sbatch) answer with a requeue and --resume.
@@ -319,6 +323,15 @@ def _load_checkpoint_dir(ckpt: str):
     model.load_state_dict(load_checkpoint(ckpt_dir)["model"])
     model.eval()
     return cfg, tokenizer, model
+
+
+def cmd_export(args) -> None:
+    from realm_hpc.export import export_model
+
+    run_dir = Path(args.run)
+    cfg, tokenizer, model = _load_checkpoint_dir(str(run_dir / "checkpoint"))
+    out = export_model(cfg, tokenizer, model, args.out, source=str(run_dir.resolve()))
+    print(f"exported query_encoder/, doc_encoder/, reader/ to {out}")
 
 
 def cmd_build_index(args) -> None:

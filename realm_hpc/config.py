@@ -35,7 +35,7 @@ class ModelConfig:
 
 @dataclass(kw_only=True)
 class DataConfig:
-    corpus: str = ""  # DPR .tsv or .jsonl; empty = the embedded fact world
+    corpus: str = ""  # DPR .tsv, .jsonl or Wikipedia-summaries .json; empty = the embedded fact world
     world_people: int = 1200
     world_orgs: int = 240
     world_cities: int = 80

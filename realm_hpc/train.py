@@ -323,6 +323,7 @@ class Pretrainer:
             "trainer_wait_s": st.trainer_wait_s,
             "refresh_mode": cfg.refresh.mode,
             "eval_examples": len(data.eval),
+            "eval_examples_with_gold": sum(bool(e.gold) for e in data.eval),  # those recall@k is measured on
         }
         if self.group.distributed:
             summary.update(trainers=self.group.size, index_sharded=cfg.index.sharded)

@@ -22,7 +22,7 @@ ARGS = ["--steps", str(STEPS), "--set", f"refresh.every={REFRESH_EVERY}", "--set
 SUMMARY_KEYS = {"recipe", "steps", "corpus_docs", "k", "recall_at_8_start", "recall_at_8_after_ict", "recall_at_8",
                 "chance_recall_at_8", "mlm_acc_retrieval", "mlm_acc_closed_book", "ict_steps", "index_versions",
                 "max_staleness_steps", "trainer_wait_s", "refresh_mode", "eval_examples", "wall_s",
-                "trainer_wait_share"}
+                "trainer_wait_share", "eval_examples_with_gold"}
 ROW_KEYS = {"step", "phase", "loss", "lr", "index_version", "staleness", "wait_s"}
 
 
@@ -56,6 +56,7 @@ def test_summary_has_the_documented_keys(summary):
     assert summary["recipe"] == "tiny" and summary["steps"] == STEPS and summary["k"] == 8
     assert summary["refresh_mode"] == "inline"
     assert summary["eval_examples"] > 0 and summary["corpus_docs"] > summary["eval_examples"]
+    assert 0 < summary["eval_examples_with_gold"] <= summary["eval_examples"]
     assert 0.0 <= summary["mlm_acc_retrieval"] <= 1.0 and 0.0 <= summary["mlm_acc_closed_book"] <= 1.0
     assert 0.0 <= summary["trainer_wait_share"] <= 1.0
     assert summary["max_staleness_steps"] <= REFRESH_EVERY

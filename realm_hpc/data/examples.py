@@ -220,8 +220,18 @@ def _load_docs(cfg: Config):
 
 def _corpus_sentences(cfg: Config):
     """A plain corpus: every sentence is a candidate query; a seeded share of sentences with a salient span is
-    held out for evaluation (MLM accuracy only: a plain corpus has no gold documents)."""
+    held out for evaluation.
+
+    Gold documents for recall@k: a plain corpus states no facts, so we use its titles. When a held-out sentence
+    has a salient span that is exactly the title of another document (Wikipedia: "... directed by Stanley
+    Kubrick" and the article "Stanley Kubrick"), that span is the one masked and the entity's own document is the
+    gold: retrieval must find the article about the masked entity among the corpus, with the source excluded as
+    in training. Sentences without such a span mask a random salient span and count for MLM accuracy only.
+    """
     docs = read_corpus(cfg.data.corpus)
+    by_title: dict[str, int] = {}
+    for i, doc in enumerate(docs):
+        by_title.setdefault(doc.title, i)
     rng = np.random.default_rng(cfg.data.world_seed)
     sentences, heldout = [], []
     for i, doc in enumerate(docs):
@@ -229,7 +239,13 @@ def _corpus_sentences(cfg: Config):
             text = doc.text[a:b]
             spans = salient_spans(text)
             if spans and len(heldout) < cfg.data.eval_examples and rng.random() < 0.05:
-                heldout.append((text, spans[rng.integers(len(spans))], i, []))
+                titled = [(s, by_title[text[s[0]:s[1]]]) for s in spans
+                          if by_title.get(text[s[0]:s[1]], i) != i]
+                if titled:
+                    span, gold = titled[rng.integers(len(titled))]
+                    heldout.append((text, span, i, [gold]))
+                else:
+                    heldout.append((text, spans[rng.integers(len(spans))], i, []))
             else:
                 sentences.append((text, i, (a, b)))
     return docs, sentences, heldout
