@@ -165,8 +165,9 @@ class MPIRefresher:
         return done
 
     def check_lost(self) -> bool:
-        """True once, at the first boundary where the refresh in flight is older than timeout_s. From then on the
-        trainers keep their last index (its staleness grows) and nothing more is sent."""
+        """True once per set of refreshers, at the first boundary where the refresh in flight is older than timeout_s
+        (plus STARTUP_S while they have not answered TAG_READY). The trainers keep their last index (its staleness
+        grows) and send nothing more, unless `replace` hands them new refreshers."""
         if self.lost or not self._busy or self.timeout_s <= 0:
             return False
         ready_at = self._ready_at
