@@ -182,17 +182,22 @@ class MPIRefresher:
         replacement, keep the last index). Returns how many took over."""
         if inter is None:
             return 0
+        self.abandon_refreshers()
+        self._connect(inter, range(inter.Get_remote_size()))
+        self.lost = False
+        return len(self.refreshers)
+
+    def abandon_refreshers(self) -> None:
+        """Give up on the current refreshers: the comm thread leaves its wait on the dead rank, survivors (if any)
+        leave without MPI_Finalize (it would wait on the dead)."""
         from mpi4py import MPI
 
-        self._abandon.set()  # the old comm thread leaves its wait on the dead rank
-        for r in self.refreshers:  # survivors, if any, leave without MPI_Finalize (it would wait on the dead)
+        self._abandon.set()
+        for r in self.refreshers:
             try:
                 self._orphans.append(self.comm.isend("lost", dest=r, tag=TAG_STOP))
             except MPI.Exception:
                 pass
-        self._connect(inter, range(inter.Get_remote_size()))
-        self.lost = False
-        return len(self.refreshers)
 
     def fill_event(self, event: RefreshEvent) -> None:
         """Stats of the version `take` returned: the slowest refresher's encode time, each refresher's shard."""
@@ -250,8 +255,9 @@ class MPIRefresher:
 
     def close(self, timeout_s: float = 60.0) -> None:
         """Let an in-flight refresh land (bounded), then stop the refreshers."""
-        if self.lost:
-            return  # the comm thread waits on a dead rank forever (a daemon thread: it does not block the exit)
+        if self.lost:  # stop what is left of them; the dead rank never answers
+            self.abandon_refreshers()
+            return
         deadline = time.perf_counter() + timeout_s
         while self._busy and self._done is None and time.perf_counter() < deadline and self._error is None:
             time.sleep(0.01)
