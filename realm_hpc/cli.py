@@ -31,6 +31,9 @@ def _parser() -> argparse.ArgumentParser:
     pre.add_argument("--deepspeed-config", metavar="JSON",
                      help="DeepSpeed JSON for the trainers (e.g. configs/ds_zero2.json; sets train.deepspeed)")
 
+    # Started by the trainers (MPI_Comm_spawn) to replace a lost refresher; everything else comes over MPI.
+    sub.add_parser("refresher", help="internal: a replacement refresher rank spawned by the trainers")
+
     ft = sub.add_parser("finetune", help="Open-QA fine-tune of a pretrained run (fixed index; query encoder + reader)")
     ft.add_argument("--recipe", default="qa-demo", help="qa-demo | qa-tiny (only its qa section is used)")
     ft.add_argument("--pretrained", help="the pretraining run directory (not needed with --resume)")
@@ -103,7 +106,8 @@ def main(argv: list[str] | None = None) -> None:
         # SIGUSR1/SIGTERM -> checkpoint at the next step boundary; other commands keep the default (terminate).
         with preempt.handlers() if args.command in PREEMPTIBLE else nullcontext():
             {"pretrain": cmd_pretrain, "finetune": cmd_finetune, "evaluate": cmd_evaluate, "export": cmd_export,
-             "build-index": cmd_build_index, "retrieve": cmd_retrieve, "bench": cmd_bench}[args.command](args)
+             "build-index": cmd_build_index, "retrieve": cmd_retrieve, "bench": cmd_bench,
+             "refresher": cmd_refresher}[args.command](args)
     except preempt.Preempted as e:
         # Not an error: a clean exit that job scripts (slurm/*.sbatch) answer with a requeue and --resume.
         print(f"{e}; exit {preempt.EXIT_PREEMPTED}, continue with --resume", file=sys.stderr, flush=True)
@@ -158,18 +162,21 @@ def cmd_pretrain(args) -> None:
         sub = trainer_comm(comm, roles)
         if not roles.is_trainer:
             torch.set_num_threads(1)  # the trainers keep the cores; a refresher is busy only between swaps
-            _serve_refresher(comm, roles)
+            _serve_refresher(comm, roles.refresher_index, roles.n_refreshers)
             return
         group = init_trainer_group(sub, force=use_ds)
-        from realm_hpc.retrieval.refresh import MPIRefresher, TrainerBroadcastRefresher
+        from realm_hpc.retrieval.refresh import MPIRefresher, RefresherSpawner, TrainerBroadcastRefresher
+
+        spawner = RefresherSpawner(sub, roles.n_refreshers) if cfg.refresh.respawn else None
 
         def factory(data):
             inner = None
             if group.rank == 0:
                 inner = MPIRefresher(comm, roles.refresher_ranks, len(data.blocks), cfg.model.proj_dim,
-                                     cfg.refresh.every, str(run_dir), timeout_s=cfg.refresh.timeout_s)
+                                     cfg.refresh.every, str(run_dir), timeout_s=cfg.refresh.timeout_s,
+                                     spawner=None if group.distributed else spawner)
             made.append(inner if not group.distributed else
-                        TrainerBroadcastRefresher(inner, group, len(data.blocks), cfg.model.proj_dim))
+                        TrainerBroadcastRefresher(inner, group, len(data.blocks), cfg.model.proj_dim, spawner))
             return made[-1]
     elif launched_by_mpi():  # inline refresh under mpiexec: every rank is a trainer
         from mpi4py import MPI
@@ -191,8 +198,11 @@ def cmd_pretrain(args) -> None:
         if factory is not None and group.rank == 0 and not (isinstance(e, preempt.Preempted) and e.checkpointed):
             from realm_hpc.retrieval.refresh import TAG_STOP
 
-            for r in roles.refresher_ranks:  # let the refreshers exit instead of waiting forever
-                comm.isend(None, dest=r, tag=TAG_STOP)
+            inner = made[0] if made else None
+            inner = getattr(inner, "inner", inner)  # the MPIRefresher: it knows the refreshers in use
+            talk, ranks = (inner.comm, inner.refreshers) if inner is not None else (comm, roles.refresher_ranks)
+            for r in ranks:  # let the refreshers exit instead of waiting forever
+                talk.isend("lost" if inner is not None and inner.losses else None, dest=r, tag=TAG_STOP)
         raise
     if group != TrainerGroup() or use_ds:
         import torch.distributed as dist
@@ -201,14 +211,30 @@ def cmd_pretrain(args) -> None:
             dist.destroy_process_group()
     print0(format_summary(summary))
     print0(f"wrote {run_dir / 'summary.json'}, {run_dir / 'metrics.jsonl'}, {run_dir / 'curves.png'}")
-    if made and made[0].lost:
+    if made and made[0].losses:
         # A dead rank makes MPI_Finalize hang (mpich): the run's files are written, leave without it.
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(0)
 
 
-def _serve_refresher(comm, roles) -> None:
+def cmd_refresher(args) -> None:
+    from mpi4py import MPI  # first: the trainers wait in MPI_Comm_spawn until this process has initialised MPI
+
+    parent = MPI.Comm.Get_parent()
+    if parent == MPI.COMM_NULL:
+        raise ConfigError("realm-hpc refresher is started by the trainers (MPI_Comm_spawn), not by hand")
+    import torch
+
+    torch.set_num_threads(1)
+    _serve_refresher(parent, shard_index=parent.Get_rank(), n_shards=parent.Get_size())
+    # The trainers leave without MPI_Finalize (a rank died); waiting for them in it would hang.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
+
+
+def _serve_refresher(comm, shard_index: int, n_shards: int) -> None:
     from realm_hpc.retrieval.refresh import serve_refresher
 
     def make_encoder(run_dir: str):
@@ -221,8 +247,11 @@ def _serve_refresher(comm, roles) -> None:
         encoder = Encoder(cfg.model, len(tokenizer), cfg.model.block_len)
         return encoder, BlockStore.open(Path(run_dir) / "data" / "blocks"), cfg.refresh.batch_size
 
-    serve_refresher(comm, trainer=0, shard_index=roles.refresher_index, n_shards=roles.n_refreshers,
-                    make_encoder=make_encoder)
+    stop = serve_refresher(comm, trainer=0, shard_index=shard_index, n_shards=n_shards, make_encoder=make_encoder)
+    if stop == "lost":
+        sys.stdout.flush()  # replaced after another rank died: MPI_Finalize would wait on it forever
+        sys.stderr.flush()
+        os._exit(0)
 
 
 def format_summary(summary: dict) -> str:

@@ -61,6 +61,7 @@ class RefreshConfig:
     batch_size: int = 128  # documents per encoder forward while re-encoding
     max_staleness: int = 200  # warn when the live index was built from weights older than this many steps
     timeout_s: float = 300.0  # mpi: a refresh in flight this long means the refreshers died; train on without them
+    respawn: bool = True  # mpi: replace lost refreshers (MPI_Comm_spawn) where the launcher allows it
 
 
 @dataclass(kw_only=True)

@@ -220,6 +220,10 @@ class Pretrainer:
                     print0(f"warning: step {step}: no refresher answered for refresh.timeout_s="
                            f"{cfg.refresh.timeout_s:g} s; training goes on with index v{live.version}, staleness grows")
                     row.update(refresher_lost=1)
+                if event.respawned:
+                    print0(f"step {step}: started {event.respawned} replacement refresher(s) (MPI_Comm_spawn); "
+                           "index refreshes resume")
+                    row.update(refresher_respawned=event.respawned)
                 state.trainer_wait_s += event.wait_s
                 window_wait += event.wait_s
                 if live.staleness(step) > cfg.refresh.max_staleness and warned_version != live.version:

@@ -1,8 +1,9 @@
-"""A refresher rank that dies does not stop training: trainers keep the last index, staleness grows and is logged.
+"""A refresher rank that dies does not stop training: trainers keep the last index, staleness grows and is logged,
+and a replacement refresher spawned by the trainers brings index refreshes back.
 
 mpich's hydra kills every rank when one dies by a signal; `-disable-auto-cleanup` plus a shell that turns the kill
 into an exit status (../shared/FACTS.md) keeps the trainers alive. The trainers notice by a timeout
-(`refresh.timeout_s`): mpich reports no error for a dead rank.
+(`refresh.timeout_s`): mpich reports no error for a dead rank. They then MPI_Comm_spawn a new refresher.
 """
 
 import json
@@ -46,9 +47,10 @@ def _world_rank(pid: int) -> int | None:
     return int(ranks[0]) if ranks else None
 
 
-def test_training_survives_a_killed_refresher(tmp_path):
+def test_training_survives_a_killed_refresher_and_respawns_it(tmp_path):
     pytest.importorskip("mpi4py")
-    out, steps = tmp_path / "run", 30
+    # 40 steps: the replacement imports torch and builds its encoder (~10 steps here) before its first version.
+    out, steps = tmp_path / "run", 40
     cmd = " ".join(str(c) for c in [*REALM, "pretrain", "--out", out, "--steps", steps, "--refreshers", 1, *SMALL,
                                     "--set", "refresh.mode=mpi", "--set", "refresh.every=3",
                                     "--set", "refresh.timeout_s=3", "--set", "train.reader_warmup_steps=4"])
@@ -74,10 +76,30 @@ def test_training_survives_a_killed_refresher(tmp_path):
     rows = _rows_if_any(out)
     lost = [r for r in rows if r.get("refresher_lost")]
     assert len(lost) == 1, "the loss of the refresher is logged once"
+    assert lost[0].get("refresher_respawned") == 1, "a replacement is started at the step the loss is noticed"
+    frozen = lost[0]["index_version"]
     after = [r for r in rows if r["step"] >= lost[0]["step"]]
-    # No new version after the loss; staleness keeps growing to the end of the run.
-    assert len({r["index_version"] for r in after}) == 1
-    stale = [r["staleness"] for r in after]
+    # No new version for a while after the loss (the killed rank's refresh never lands): staleness grows...
+    stale = [r["staleness"] for r in after if r["index_version"] == frozen]
     assert stale == sorted(stale) and stale[-1] > stale[0] and stale[-1] > 3
-    assert summary["max_staleness_steps"] == stale[-1]
-    assert "refresher" in stderr + stdout
+    # ...then the replacement's versions come in and keep rising until the end of the run.
+    versions = [r["index_version"] for r in after]
+    assert versions == sorted(versions) and versions[-1] >= frozen + 2, versions
+    assert summary["max_staleness_steps"] >= stale[-1]
+    assert "replacement refresher" in stderr + stdout
+
+
+def test_failed_spawn_is_one_line_and_no_replacement(capsys):
+    MPI = pytest.importorskip("mpi4py.MPI")
+    from realm_hpc.retrieval.refresh import RefresherSpawner
+
+    class NoSpawnComm:  # what a launcher without dynamic processes (e.g. srun) answers
+        def Get_rank(self):
+            return 0
+
+        def Spawn(self, *args, **kwargs):
+            raise MPI.Exception(MPI.ERR_SPAWN)
+
+    assert RefresherSpawner(NoSpawnComm(), 1).spawn() is None
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "no replacement refresher" in err[0] and "last index" in err[0], err
