@@ -91,16 +91,22 @@ def _parse_tsv(path: Path) -> Iterator[tuple[int, Doc]]:
         yield lineno, Doc(id=doc_id, title=title, text=text)
 
 
+def json_object(path: Path, lineno: int, line: str) -> dict:
+    """One JSONL line that must hold a JSON object; anything else is a CorpusFormatError naming file:line."""
+    try:
+        obj = json.loads(line)
+    except json.JSONDecodeError as e:
+        raise CorpusFormatError(path, lineno, f"bad JSON: {e.msg} at column {e.colno}") from None
+    if not isinstance(obj, dict):
+        raise CorpusFormatError(path, lineno, f"expected a JSON object, got {type(obj).__name__}")
+    return obj
+
+
 def _parse_jsonl(path: Path) -> Iterator[tuple[int, Doc]]:
     for lineno, line in _lines(path):
         if not line.strip():
             continue
-        try:
-            obj = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise CorpusFormatError(path, lineno, f"bad JSON: {e.msg} at column {e.colno}") from None
-        if not isinstance(obj, dict):
-            raise CorpusFormatError(path, lineno, f"expected a JSON object, got {type(obj).__name__}")
+        obj = json_object(path, lineno, line)
         missing = [k for k in ("id", "title", "text") if k not in obj]
         if missing:
             raise CorpusFormatError(path, lineno, f"missing key(s) {', '.join(map(repr, missing))}")

@@ -16,7 +16,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from realm_hpc.data.corpus import CorpusFormatError, _lines, atomic_file
+from realm_hpc.data.corpus import CorpusFormatError, _lines, atomic_file, json_object
 
 QUESTION_KEYS = ("question", "query", "text")
 
@@ -43,12 +43,7 @@ def read_queries(path: str | Path) -> list[Query]:
 
 
 def _parse_json(path: Path, lineno: int, line: str) -> Query:
-    try:
-        obj = json.loads(line)
-    except json.JSONDecodeError as e:
-        raise CorpusFormatError(path, lineno, f"bad JSON: {e.msg} at column {e.colno}") from None
-    if not isinstance(obj, dict):
-        raise CorpusFormatError(path, lineno, f"expected a JSON object, got {type(obj).__name__}")
+    obj = json_object(path, lineno, line)
     key = next((k for k in QUESTION_KEYS if k in obj), None)
     if key is None:
         raise CorpusFormatError(path, lineno, f"no question: expected one of {', '.join(map(repr, QUESTION_KEYS))}")
