@@ -146,7 +146,7 @@ def cmd_pretrain(args) -> None:
     import torch
 
     from realm_hpc.checkpoint import atomic_write_json
-    from realm_hpc.dist import TrainerGroup, init_trainer_group, launched_by_mpi, mpi_roles, print0, trainer_comm
+    from realm_hpc.dist import init_trainer_group, launched_by_mpi, mpi_roles, print0, trainer_comm
     from realm_hpc.train import Pretrainer
 
     cfg = resolve_config(args)
@@ -204,11 +204,10 @@ def cmd_pretrain(args) -> None:
             for r in ranks:  # let the refreshers exit instead of waiting forever
                 talk.isend("lost" if inner is not None and inner.losses else None, dest=r, tag=TAG_STOP)
         raise
-    if group != TrainerGroup() or use_ds:
-        import torch.distributed as dist
+    import torch.distributed as dist
 
-        if dist.is_initialized():
-            dist.destroy_process_group()
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
     print0(format_summary(summary))
     print0(f"wrote {run_dir / 'summary.json'}, {run_dir / 'metrics.jsonl'}, {run_dir / 'curves.png'}")
     if made and made[0].losses:
