@@ -93,6 +93,7 @@ class ICTConfig:
     lr: float = 1e-3
     keep_sentence_prob: float = 0.1  # REALM/ORQA keep the query sentence in its block 10% of the time
     eval_every: int = 50
+    patience: int = 2  # stop once this many evaluations in a row did not raise recall (ICT has converged)
 
 
 @dataclass(kw_only=True)

@@ -36,6 +36,16 @@ def warmup_schedule(opt, cfg: Config):
     return torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warm))
 
 
+def keep_configured_lrs(sched, base_lrs: list[float]) -> None:
+    """After loading optimizer + schedule state: the loaded state says where the schedule stands, the run config
+    says the learning rates, so `--resume --set optim.lr=...` takes effect instead of being silently ignored."""
+    sched.base_lrs = list(base_lrs)
+    for group, base, factor in zip(sched.optimizer.param_groups, base_lrs, sched.lr_lambdas):
+        group["initial_lr"] = base
+        group["lr"] = base * factor(sched.last_epoch)
+    sched._last_lr = [group["lr"] for group in sched.optimizer.param_groups]
+
+
 def micro_batch_size(cfg: Config, n_trainers: int) -> int:
     per = n_trainers * cfg.train.grad_accum
     if cfg.train.batch_size % per:
@@ -102,8 +112,10 @@ class LocalStepper:
 
     def load(self, ckpt: dict, run_dir: Path) -> None:
         if ckpt.get("optimizer") is not None:
+            configured = list(self.sched.base_lrs)
             self.opt.load_state_dict(ckpt["optimizer"])
             self.sched.load_state_dict(ckpt["scheduler"])
+            keep_configured_lrs(self.sched, configured)
 
     def save(self, run_dir: Path, tag: str) -> None:
         pass
@@ -145,9 +157,11 @@ class DeepSpeedStepper:
     def load(self, ckpt: dict, run_dir: Path) -> None:
         tag = ckpt.get("deepspeed_tag")
         if tag:
+            configured = list(self.sched.base_lrs)
             path, _ = self.engine.load_checkpoint(str(run_dir / "deepspeed"), tag=tag)
             if path is None:
                 raise FileNotFoundError(f"{run_dir / 'deepspeed' / tag}: DeepSpeed checkpoint named by state.pt")
+            keep_configured_lrs(self.sched, configured)
 
     def prune(self, run_dir: Path, keep: str) -> None:
         for old in (run_dir / "deepspeed").glob("step*"):

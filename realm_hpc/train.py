@@ -171,10 +171,10 @@ class Pretrainer:
                 recall = recall_at_k(model, data, fresh_index(model, data, cfg, 0, 0, self.group), k)
                 self.log.log(state.ict_steps, phase="ict", recall_at_k=recall)
                 state.recall_at_k_after_ict = recall
-                # ICT has converged when recall stops rising (two evaluations without a real gain).
+                # ICT has converged when recall stops rising (`patience` evaluations without a real gain).
                 stalls = stalls + 1 if recall < best + 0.005 else 0
                 best = max(best, recall)
-                if stalls >= 2:
+                if stalls >= cfg.ict.patience:
                     break
         state.ict_done = True
         print0(f"recall@{k} after ICT ({state.ict_steps} steps): {state.recall_at_k_after_ict:.3f}")

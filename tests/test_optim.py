@@ -5,9 +5,10 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 
 from realm_hpc.config import ConfigError
-from realm_hpc.optim import deepspeed_config, micro_batch_size
+from realm_hpc.optim import LocalStepper, deepspeed_config, micro_batch_size
 from realm_hpc.recipes import get_recipe
 
 CONFIGS = Path(__file__).parents[1] / "configs"
@@ -50,3 +51,28 @@ def test_default_without_a_json_is_zero2():
     cfg = get_recipe("tiny")
     ds = deepspeed_config(cfg, 2)
     assert ds["zero_optimization"]["stage"] == 2 and ds["train_micro_batch_size_per_gpu"] == 8
+
+
+class _TwoParts(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.reader, self.retriever = torch.nn.Linear(3, 1), torch.nn.Linear(3, 1)
+
+
+def test_resume_keeps_the_schedule_position_and_takes_the_configured_lrs():
+    """Loading a checkpoint restores where the warm-up stands, not the old learning rates: a resume with
+    `--set optim.retriever_lr_scale=...` must train with the new rate."""
+    cfg = get_recipe("tiny")
+    cfg.optim.lr, cfg.optim.warmup_steps = 1e-3, 10
+    old = LocalStepper(_TwoParts(), cfg, retriever_lr=1e-4)
+    for _ in range(4):
+        old.micro_step(old.model.reader(torch.ones(1, 3)).sum() + old.model.retriever(torch.ones(1, 3)).sum())
+    assert [g["lr"] for g in old.opt.param_groups] == pytest.approx([1e-3 * 5 / 10, 1e-4 * 5 / 10])
+    cfg.optim.lr = 2e-3
+    new = LocalStepper(_TwoParts(), cfg, retriever_lr=6e-4)
+    new.load(old.state(), run_dir=None)
+    assert [g["lr"] for g in new.opt.param_groups] == pytest.approx([2e-3 * 5 / 10, 6e-4 * 5 / 10])
+    assert new.sched.last_epoch == 4 and new.lr() == pytest.approx(2e-3 * 5 / 10)
+    for _ in range(6):  # the warm-up ends at the configured rates
+        new.micro_step(new.model.reader(torch.ones(1, 3)).sum() + new.model.retriever(torch.ones(1, 3)).sum())
+    assert [g["lr"] for g in new.opt.param_groups] == pytest.approx([2e-3, 6e-4])
