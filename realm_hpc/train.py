@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -95,6 +95,7 @@ class Pretrainer:
         self.refresher_factory = refresher_factory  # (data) -> refresher; None = inline
         self.group = group
         self.t0 = time.perf_counter()
+        self.untrained_index: LiveIndex | None = None  # set by ict() when ICT is off (see realm())
 
     # -- the whole run -------------------------------------------------------------------------------------------
     def run(self) -> dict:
@@ -141,11 +142,14 @@ class Pretrainer:
     def ict(self) -> None:
         cfg, data, model, state = self.cfg, self.data, self.model, self.state
         k = cfg.retrieval.k
-        state.recall_at_k_start = recall_at_k(model, data, fresh_index(model, data, cfg, 0, 0, self.group), k)
+        start = fresh_index(model, data, cfg, 0, 0, self.group)
+        state.recall_at_k_start = recall_at_k(model, data, start, k)
         print0(f"recall@{k} at start: {state.recall_at_k_start:.3f} (chance {data.chance_recall(k):.3f})")
         self.log.log(0, phase="ict", recall_at_k=state.recall_at_k_start)
         state.recall_at_k_after_ict = state.recall_at_k_start
         if cfg.ict.steps <= 0:
+            state.ict_done = True
+            self.untrained_index = start  # REALM starts from these very weights: no second encode of the corpus
             return
         opt = torch.optim.AdamW(model.retriever.parameters(), lr=cfg.ict.lr, weight_decay=cfg.optim.weight_decay)
         best, stalls = state.recall_at_k_start, 0
@@ -196,7 +200,11 @@ class Pretrainer:
             ranks = ckpt.get("rng_ranks") or []
             set_rng_state(ranks[group.rank] if len(ranks) == group.size else ckpt["rng"])
         else:
-            live = fresh_index(model, data, cfg, 1, state.step, group)
+            if self.untrained_index is not None and state.step == 0:
+                live, self.untrained_index = self.untrained_index, None
+                live.swap(replace(live.snapshot, version=1))
+            else:
+                live = fresh_index(model, data, cfg, 1, state.step, group)
             state.index_versions = 1
         refresher = (self.refresher_factory(data) if self.refresher_factory
                      else InlineRefresher(data.blocks, cfg.refresh.every, cfg.refresh.batch_size, group,
