@@ -40,6 +40,8 @@ def _parser() -> argparse.ArgumentParser:
     ft.add_argument("--out", required=True, help="fine-tune run directory")
     ft.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config field")
     ft.add_argument("--resume", action="store_true", help="continue the fine-tune in --out from its checkpoint")
+    ft.add_argument("--deepspeed-config", metavar="JSON",
+                    help="DeepSpeed JSON for the trainers (sets train.deepspeed; several trainers default to ZeRO-2)")
 
     ev = sub.add_parser("evaluate", help="recall@k and MLM accuracy of a run's checkpoint; with --qa: Open-QA EM")
     ev.add_argument("--run", required=True)
@@ -298,13 +300,27 @@ def _load_run(run: str):
 
 
 def cmd_finetune(args) -> None:
-    from realm_hpc.checkpoint import atomic_write_json
+    from realm_hpc.dist import print0
     from realm_hpc.finetune import Finetuner
+
+    out = Path(args.out)
+    cfg = _finetune_config(args)
+    group = _trainer_group(cfg)
+    _write_run_config(out, cfg, group)
+    summary = Finetuner(cfg, out, resume=args.resume, group=group).run()
+    _leave_trainer_group()
+    print0(format_summary(summary))
+    print0(f"wrote {out / 'summary.json'}, {out / 'eval'}/, {out / 'metrics.jsonl'}")
+
+
+def _finetune_config(args) -> Config:
+    """The saved config on --resume, else the pretrained run's model and data with the recipe's qa section."""
     from realm_hpc.recipes import FINETUNE_RECIPES
 
     out = Path(args.out)
+    overrides = [*args.set, *_deepspeed_override(args)]
     if args.resume and (out / "config.json").exists():
-        cfg = apply_overrides(load_config(str(out / "config.json")), args.set)
+        cfg = apply_overrides(load_config(str(out / "config.json")), overrides)
     else:
         if args.recipe not in FINETUNE_RECIPES:
             known = ", ".join(sorted(FINETUNE_RECIPES))
@@ -317,12 +333,8 @@ def cmd_finetune(args) -> None:
         cfg = load_config(str(pre))  # the pretrained run's model and data; the recipe's qa section
         cfg.recipe, cfg.qa = args.recipe, FINETUNE_RECIPES[args.recipe]().qa
         cfg.qa.pretrained = str(args.pretrained)
-        cfg = apply_overrides(cfg, args.set)
-    out.mkdir(parents=True, exist_ok=True)
-    atomic_write_json(out / "config.json", cfg.to_dict())
-    summary = Finetuner(cfg, out, resume=args.resume).run()
-    print(format_summary(summary))
-    print(f"wrote {out / 'summary.json'}, {out / 'eval'}/, {out / 'metrics.jsonl'}")
+        cfg = apply_overrides(cfg, overrides)
+    return cfg
 
 
 def cmd_evaluate(args) -> None:
