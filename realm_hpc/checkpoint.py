@@ -205,3 +205,32 @@ def load_checkpoint(ckpt_dir: str | os.PathLike) -> dict:
     except (OSError, RuntimeError, EOFError, pickle.UnpicklingError, zipfile.BadZipFile) as e:
         reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
         raise ValueError(f"corrupt or unloadable checkpoint {path}: {reason}") from e
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# A trainer group's checkpoint: DeepSpeed shards + state.pt (pretraining and fine-tuning alike)
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def save_trainer_checkpoint(run_dir: Path, group, stepper, tag: str, state: Callable[[], dict]) -> None:
+    """Collective over the trainers (`group`, a dist.TrainerGroup). Each trainer's `stepper` first writes its
+    DeepSpeed shard as run_dir/deepspeed/<tag> (if it has one); then trainer 0 commits run_dir/checkpoint/state.pt
+    with `state()`, the stepper's optimizer state, the tag and every trainer's RNG state, so a crash in between
+    leaves state.pt naming the previous complete tag. Older tags are pruned after the commit."""
+    from realm_hpc.dist import barrier, gather_over_trainers
+
+    written = stepper.save(run_dir, tag) if stepper is not None else None
+    rngs = gather_over_trainers(rng_state(), group)
+    if group.rank == 0:
+        save_checkpoint(run_dir / "checkpoint", {
+            **state(), **(stepper.state() if stepper is not None else {"optimizer": None, "scheduler": None}),
+            "deepspeed_tag": written, "rng": rngs[0], "rng_ranks": rngs})
+        if stepper is not None:
+            stepper.prune(run_dir, tag)
+    barrier(group)
+
+
+def set_trainer_rng_state(ckpt: dict, group) -> None:
+    """This trainer's RNG state from a checkpoint; trainer 0's when the trainer count changed since."""
+    ranks = ckpt.get("rng_ranks") or []
+    set_rng_state(ranks[group.rank] if len(ranks) == group.size else ckpt["rng"])

@@ -40,6 +40,8 @@ def _parser() -> argparse.ArgumentParser:
     ft.add_argument("--out", required=True, help="fine-tune run directory")
     ft.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config field")
     ft.add_argument("--resume", action="store_true", help="continue the fine-tune in --out from its checkpoint")
+    ft.add_argument("--deepspeed-config", metavar="JSON",
+                    help="DeepSpeed JSON for the trainers (sets train.deepspeed; several trainers default to ZeRO-2)")
 
     ev = sub.add_parser("evaluate", help="recall@k and MLM accuracy of a run's checkpoint; with --qa: Open-QA EM")
     ev.add_argument("--run", required=True)
@@ -136,23 +138,54 @@ def resolve_config(args) -> Config:
         cfg = get_recipe(args.recipe)
     if args.steps is not None:
         args.set = [*args.set, f"train.steps={args.steps}"]
-    if getattr(args, "deepspeed_config", None):
-        # absolute, so that a --resume from another directory finds it again (config.json keeps it)
-        args.set = [*args.set, f"train.deepspeed={Path(args.deepspeed_config).resolve()}"]
-    return apply_overrides(cfg, args.set)
+    return apply_overrides(cfg, [*args.set, *_deepspeed_override(args)])
+
+
+def _deepspeed_override(args) -> list[str]:
+    if not getattr(args, "deepspeed_config", None):
+        return []
+    # absolute, so that a --resume from another directory finds it again (config.json keeps it)
+    return [f"train.deepspeed={Path(args.deepspeed_config).resolve()}"]
+
+
+def _trainer_group(cfg: Config):
+    """Every rank a trainer: mpiexec (COMM_WORLD), torchrun (RANK/WORLD_SIZE), or a plain launch (one trainer)."""
+    from realm_hpc.dist import init_trainer_group, launched_by_mpi
+
+    if launched_by_mpi():
+        from mpi4py import MPI
+
+        return init_trainer_group(MPI.COMM_WORLD, force=bool(cfg.train.deepspeed))
+    return init_trainer_group(None, force=bool(cfg.train.deepspeed))
+
+
+def _write_run_config(run_dir: Path, cfg: Config, group) -> None:
+    """Trainer 0 creates the run directory and its config.json; the others wait for it."""
+    from realm_hpc.checkpoint import atomic_write_json
+    from realm_hpc.dist import barrier
+
+    if group.rank == 0:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(run_dir / "config.json", cfg.to_dict())
+    barrier(group)
+
+
+def _leave_trainer_group() -> None:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def cmd_pretrain(args) -> None:
     import torch
 
-    from realm_hpc.checkpoint import atomic_write_json
     from realm_hpc.dist import init_trainer_group, launched_by_mpi, mpi_roles, print0, trainer_comm
     from realm_hpc.train import Pretrainer
 
     cfg = resolve_config(args)
     run_dir = Path(args.out)
     factory, roles, comm, made = None, None, None, []
-    use_ds = bool(cfg.train.deepspeed)
     if cfg.refresh.mode == "mpi":
         if not launched_by_mpi():
             raise ConfigError("refresh.mode=mpi needs an MPI launch: mpiexec -n 2 realm-hpc pretrain ...")
@@ -164,7 +197,7 @@ def cmd_pretrain(args) -> None:
             torch.set_num_threads(1)  # the trainers keep the cores; a refresher is busy only between swaps
             _serve_refresher(comm, roles.refresher_index, roles.n_refreshers)
             return
-        group = init_trainer_group(sub, force=use_ds)
+        group = init_trainer_group(sub, force=bool(cfg.train.deepspeed))
         from realm_hpc.retrieval.refresh import MPIRefresher, RefresherSpawner, TrainerBroadcastRefresher
 
         spawner = RefresherSpawner(sub, roles.n_refreshers) if cfg.refresh.respawn else None
@@ -178,19 +211,9 @@ def cmd_pretrain(args) -> None:
             made.append(inner if not group.distributed else
                         TrainerBroadcastRefresher(inner, group, len(data.blocks), cfg.model.proj_dim, spawner))
             return made[-1]
-    elif launched_by_mpi():  # inline refresh under mpiexec: every rank is a trainer
-        from mpi4py import MPI
-
-        group = init_trainer_group(MPI.COMM_WORLD, force=use_ds)
-    else:  # a plain launch (one trainer) or torchrun (RANK/WORLD_SIZE in the environment)
-        group = init_trainer_group(None, force=use_ds)
-    if group.rank == 0:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        atomic_write_json(run_dir / "config.json", cfg.to_dict())
-    if group.distributed:
-        import torch.distributed as dist
-
-        dist.barrier()  # the others read run_dir/data only after trainer 0 created it
+    else:  # inline refresh: every rank is a trainer
+        group = _trainer_group(cfg)
+    _write_run_config(run_dir, cfg, group)  # the others read run_dir/data only after trainer 0 created it
     try:
         summary = Pretrainer(cfg, run_dir, resume=args.resume, refresher_factory=factory, group=group).run()
     except BaseException as e:
@@ -204,10 +227,7 @@ def cmd_pretrain(args) -> None:
             for r in ranks:  # let the refreshers exit instead of waiting forever
                 talk.isend("lost" if inner is not None and inner.losses else None, dest=r, tag=TAG_STOP)
         raise
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        dist.destroy_process_group()
+    _leave_trainer_group()
     print0(format_summary(summary))
     print0(f"wrote {run_dir / 'summary.json'}, {run_dir / 'metrics.jsonl'}, {run_dir / 'curves.png'}")
     if made and made[0].losses:
@@ -280,13 +300,27 @@ def _load_run(run: str):
 
 
 def cmd_finetune(args) -> None:
-    from realm_hpc.checkpoint import atomic_write_json
+    from realm_hpc.dist import print0
     from realm_hpc.finetune import Finetuner
+
+    out = Path(args.out)
+    cfg = _finetune_config(args)
+    group = _trainer_group(cfg)
+    _write_run_config(out, cfg, group)
+    summary = Finetuner(cfg, out, resume=args.resume, group=group).run()
+    _leave_trainer_group()
+    print0(format_summary(summary))
+    print0(f"wrote {out / 'summary.json'}, {out / 'eval'}/, {out / 'metrics.jsonl'}")
+
+
+def _finetune_config(args) -> Config:
+    """The saved config on --resume, else the pretrained run's model and data with the recipe's qa section."""
     from realm_hpc.recipes import FINETUNE_RECIPES
 
     out = Path(args.out)
+    overrides = [*args.set, *_deepspeed_override(args)]
     if args.resume and (out / "config.json").exists():
-        cfg = apply_overrides(load_config(str(out / "config.json")), args.set)
+        cfg = apply_overrides(load_config(str(out / "config.json")), overrides)
     else:
         if args.recipe not in FINETUNE_RECIPES:
             known = ", ".join(sorted(FINETUNE_RECIPES))
@@ -299,12 +333,8 @@ def cmd_finetune(args) -> None:
         cfg = load_config(str(pre))  # the pretrained run's model and data; the recipe's qa section
         cfg.recipe, cfg.qa = args.recipe, FINETUNE_RECIPES[args.recipe]().qa
         cfg.qa.pretrained = str(args.pretrained)
-        cfg = apply_overrides(cfg, args.set)
-    out.mkdir(parents=True, exist_ok=True)
-    atomic_write_json(out / "config.json", cfg.to_dict())
-    summary = Finetuner(cfg, out, resume=args.resume).run()
-    print(format_summary(summary))
-    print(f"wrote {out / 'summary.json'}, {out / 'eval'}/, {out / 'metrics.jsonl'}")
+        cfg = apply_overrides(cfg, overrides)
+    return cfg
 
 
 def cmd_evaluate(args) -> None:

@@ -130,3 +130,48 @@ def _host_addr() -> str:
         return socket.gethostbyname(socket.gethostname())
     except OSError:
         return "127.0.0.1"
+
+
+# -- collectives over the trainers (no-ops for a lone trainer) --------------------------------------------------------
+def sum_over_trainers(value: float, group: TrainerGroup) -> float:
+    if not group.distributed:
+        return value
+    import torch
+    import torch.distributed as dist
+
+    t = torch.tensor([value], dtype=torch.float64)
+    dist.all_reduce(t)
+    return float(t.item())
+
+
+def mean_over_trainers(value: float, group: TrainerGroup) -> float:
+    return value if not group.distributed else sum_over_trainers(value, group) / group.size
+
+
+def max_over_trainers(value: int, group: TrainerGroup) -> int:
+    if not group.distributed:
+        return value
+    import torch
+    import torch.distributed as dist
+
+    t = torch.tensor([value], dtype=torch.int64)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return int(t.item())
+
+
+def gather_over_trainers(obj, group: TrainerGroup) -> list:
+    """Every trainer's `obj`, in trainer order (picklable objects)."""
+    if not group.distributed:
+        return [obj]
+    import torch.distributed as dist
+
+    out = [None] * group.size
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def barrier(group: TrainerGroup) -> None:
+    if group.distributed:
+        import torch.distributed as dist
+
+        dist.barrier()

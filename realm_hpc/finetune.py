@@ -7,6 +7,9 @@ the query encoder and the span reader (initialised from the pretrained reader's 
 The closed-book baseline is the pretrained MLM reader fine-tuned with the same steps, batch and learning rate to
 fill `[CLS] q [SEP] [MASK]*5 [SEP]` with the answer's tokens and an end marker: a reader that has no documents.
 (The span reader alone on `[CLS] q [SEP]` could only ever point into the question, i.e. score 0 by construction.)
+
+Several trainers (mpiexec / torchrun) train the QA model data-parallel in a DeepSpeed engine, each on its rows of
+every step's global batch, as pretraining does; trainer 0 alone builds the index, evaluates and writes the files.
 """
 
 from __future__ import annotations
@@ -25,18 +28,20 @@ from tqdm import tqdm
 
 import kernels
 from realm_hpc import preempt
-from realm_hpc.checkpoint import atomic_write_json, load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from realm_hpc.checkpoint import (atomic_write_json, load_checkpoint, save_checkpoint, save_trainer_checkpoint,
+                                  set_trainer_rng_state)
 from realm_hpc.config import Config, ConfigError, load_config
 from realm_hpc.data.blocks import BlockStore
 from realm_hpc.data.corpus import atomic_file, read_corpus
 from realm_hpc.data.qa import QAExample, exact_match, normalize_answer, read_qa, world_questions, write_qa_jsonl
 from realm_hpc.data.qa_inputs import QAInputs
 from realm_hpc.data.tokenizer import load_tokenizer
-from realm_hpc.dist import print0
+from realm_hpc.dist import TrainerGroup, barrier, mean_over_trainers, print0, sum_over_trainers
 from realm_hpc.metrics import MetricsLogger
 from realm_hpc.models.encoders import Encoder, Retriever
 from realm_hpc.models.reader import Reader
 from realm_hpc.models.span_reader import SpanReader, qa_marginal_loss, span_log_softmax
+from realm_hpc.optim import make_stepper, micro_batch_size, step_plan, warmup_schedule
 
 
 class QAModel(nn.Module):
@@ -47,6 +52,18 @@ class QAModel(nn.Module):
         m = cfg.model
         self.query = Encoder(m, vocab_size, max(m.query_len, m.block_len))
         self.reader = SpanReader(m, vocab_size)
+
+    @property
+    def retriever(self) -> Encoder:
+        """The trained retriever side (the doc encoder stays outside, fixed): the optimizer's retriever group."""
+        return self.query
+
+    def forward(self, inputs: QAInputs, questions: list[str], answers: list[set[str]], index: torch.Tensor, k: int):
+        """Retrieve, then read: (retrieval scores [B, K], span log-probs [B, K, S], reader batch)."""
+        enc = inputs.questions(questions)
+        scores, ids = self.retrieve(enc, index, k)
+        span_logp, rb = self.read(inputs, inputs.question_tokens(enc), ids, answers)
+        return scores, span_logp, rb
 
     def retrieve(self, enc: dict, index: torch.Tensor, k: int):
         """Top-k block ids from the fixed index, and their scores f(q)·g(z) with gradients to f."""
@@ -159,15 +176,25 @@ def write_predictions(rows: list[dict], path: Path) -> Path:
 
 
 # -- fine-tuning -------------------------------------------------------------------------------------------------
-def _optimizer(groups: list[dict], cfg: Config):
-    opt = torch.optim.AdamW(groups, weight_decay=cfg.optim.weight_decay)
-    warm = max(1, cfg.qa.warmup_steps)
-    return opt, torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warm))
+def _trainer_loss(loss: torch.Tensor, log_marginal: torch.Tensor, used: torch.Tensor,
+                  group: TrainerGroup) -> torch.Tensor:
+    """This trainer's share of the step loss: the mean over the questions of the whole global batch that have a
+    matching span (`qa_marginal_loss` on all rows), scaled so that the trainers' average (what DeepSpeed's
+    gradient all-reduce and `mean_over_trainers` take) is that mean, whatever the trainer count."""
+    if not group.distributed:
+        return loss
+    n_used = sum_over_trainers(float(used.sum()), group)
+    if not used.any():
+        return loss  # the zero-gradient graph: the other trainers' questions carry the step
+    return -log_marginal[used].sum() * (group.size / n_used)
 
 
 class Finetuner:
-    def __init__(self, cfg: Config, out: str | Path, resume: bool = False):
-        self.cfg, self.out, self.resume = cfg, Path(out), resume
+    """One trainer's fine-tune. With several trainers (`group`) every trainer runs this code in lockstep: the steps
+    are data-parallel, trainer 0 alone writes the run's files and evaluates (the others need no evaluation)."""
+
+    def __init__(self, cfg: Config, out: str | Path, resume: bool = False, group: TrainerGroup = TrainerGroup()):
+        self.cfg, self.out, self.resume, self.group = cfg, Path(out), resume, group
         if not cfg.qa.pretrained:
             raise ConfigError("qa.pretrained: the pretraining run to start from is not set (--pretrained RUN_DIR)")
         if not (Path(cfg.qa.pretrained) / "checkpoint").exists():
@@ -191,8 +218,10 @@ class Finetuner:
         summary = {"recipe": cfg.recipe, "pretrained": cfg.qa.pretrained, "retriever_init": cfg.qa.retriever_init,
                    "k": cfg.qa.k, "steps": cfg.qa.steps, "corpus_docs": len(ctx.inputs.blocks),
                    **{f"{s}_questions": len(v) for s, v in splits.items()}}
-        with MetricsLogger(out, resume_step=self._resume_step()) as log:
+        with MetricsLogger(out, enabled=self.group.rank == 0, resume_step=self._resume_step()) as log:
             self.train(model, splits, log)
+            if self.group.rank != 0:
+                return summary
             for split in ("dev", "test"):
                 if splits.get(split):
                     rows, m = evaluate_open_book(model, ctx, splits[split])
@@ -206,6 +235,8 @@ class Finetuner:
                         write_predictions(rows, out / "eval" / f"{split}.closed_book.predictions.jsonl")
                         summary[f"{split}_em_closed_book"] = m["em"]
         summary["wall_s"] = time.perf_counter() - t0
+        if self.group.distributed:
+            summary["trainers"] = self.group.size
         atomic_write_json(out / "summary.json", summary)
         return summary
 
@@ -221,19 +252,29 @@ class Finetuner:
         return model, data.vocab_size
 
     def _context(self, pre_model, vocab_size: int) -> QAContext:
-        from realm_hpc.retrieval.store import SavedIndex, build_index
+        """The fixed index (built by trainer 0, once; the others wait for it) and the inputs that read it."""
+        from realm_hpc.retrieval.store import SavedIndex
+
+        if self.group.rank == 0:
+            self._build_index(pre_model)
+        barrier(self.group)
+        cfg = self.cfg
+        tokenizer, blocks = _retrieval_data(cfg, self.out)
+        emb = SavedIndex.open(self.out / "index").embeddings().float()
+        inputs = QAInputs(tokenizer, blocks, cfg.model.reader_len, cfg.model.query_len, cfg.qa.max_span_len)
+        return QAContext(cfg, inputs, emb, vocab_size)
+
+    def _build_index(self, pre_model) -> None:
+        from realm_hpc.retrieval.store import build_index
 
         cfg, index_dir = self.cfg, self.out / "index"
-        fresh = not (self.resume and (index_dir / "meta.json").exists())
-        if cfg.qa.corpus and fresh:  # a swapped corpus, tokenized with the pretrained run's tokenizer
+        if self.resume and (index_dir / "meta.json").exists():
+            return
+        if cfg.qa.corpus:  # a swapped corpus, tokenized with the pretrained run's tokenizer
             BlockStore.build(read_corpus(cfg.qa.corpus), self.pre_data.tokenizer, self.out / "data" / "blocks",
                              max_len=cfg.model.block_len)
         tokenizer, blocks = _retrieval_data(cfg, self.out)
-        if fresh:  # once: the doc encoder stays fixed
-            build_index(pre_model, blocks, tokenizer, cfg, index_dir)
-        emb = SavedIndex.open(index_dir).embeddings().float()
-        inputs = QAInputs(tokenizer, blocks, cfg.model.reader_len, cfg.model.query_len, cfg.qa.max_span_len)
-        return QAContext(cfg, inputs, emb, vocab_size)
+        build_index(pre_model, blocks, tokenizer, cfg, index_dir)  # once: the doc encoder stays fixed
 
     def _questions(self) -> dict[str, list[QAExample]]:
         qa = self.cfg.qa
@@ -247,8 +288,12 @@ class Finetuner:
         world = build_world(people=d.world_people, orgs=d.world_orgs, cities=d.world_cities, surnames=d.world_surnames,
                             alias_rate=d.world_alias_rate, heldout_facts=d.heldout_facts, seed=d.world_seed)
         splits = world_questions(world, qa.dev_fraction, qa.test_fraction, qa.seed, qa.phrasings_per_fact)
-        # Written first and read back, so the files on disk are exactly what the run used.
-        return {s: read_qa(write_qa_jsonl(v, self.out / "qa" / f"{s}.jsonl")) for s, v in splits.items()}
+        # Written first (by trainer 0) and read back, so the files on disk are exactly what the run used.
+        if self.group.rank == 0:
+            for s, v in splits.items():
+                write_qa_jsonl(v, self.out / "qa" / f"{s}.jsonl")
+        barrier(self.group)
+        return {s: read_qa(self.out / "qa" / f"{s}.jsonl") for s in splits}
 
     def _resume_step(self) -> int | None:
         if self.resume and (self.out / "checkpoint").exists():
@@ -257,55 +302,54 @@ class Finetuner:
 
     # -- the open-book loop ----------------------------------------------------------------------------------
     def train(self, model: QAModel, splits: dict, log: MetricsLogger) -> None:
-        cfg, ctx, qa = self.cfg, self.ctx, self.cfg.qa
+        cfg, ctx, qa, group = self.cfg, self.ctx, self.cfg.qa, self.group
         train = splits["train"]
-        opt, sched = _optimizer([{"params": list(model.reader.parameters()), "lr": qa.lr},
-                                 {"params": list(model.query.parameters()), "lr": qa.lr * qa.retriever_lr_scale}], cfg)
+        ckpt = load_checkpoint(self.out / "checkpoint") if self.resume and (self.out / "checkpoint").exists() else None
+        if ckpt is not None:
+            model.load_state_dict(ckpt["model"])  # before the stepper: DeepSpeed copies the weights it starts from
+        plan = step_plan(cfg, "qa")
+        stepper = make_stepper(model, plan, qa.lr * qa.retriever_lr_scale, group.size)
+        micro = micro_batch_size(plan, group.size)
         start = 0
-        if self.resume and (self.out / "checkpoint").exists():
-            ckpt = load_checkpoint(self.out / "checkpoint")
-            model.load_state_dict(ckpt["model"])
-            opt.load_state_dict(ckpt["optimizer"])
-            sched.load_state_dict(ckpt["scheduler"])
-            set_rng_state(ckpt["rng"])
+        if ckpt is not None:
+            stepper.load(ckpt, self.out)
+            set_trainer_rng_state(ckpt, group)
             start = int(ckpt["step"])
             print0(f"resuming the fine-tune at step {start}")
-        dev = splits.get("dev", [])[: qa.eval_examples or None]
+        dev = splits.get("dev", [])[: qa.eval_examples or None] if group.rank == 0 else []
         model.train()
         window: list[tuple[float, float]] = []
-        bar = tqdm(range(start, qa.steps), desc="finetune", leave=False, initial=start, total=qa.steps)
+        bar = tqdm(range(start, qa.steps), desc="finetune", leave=False, initial=start, total=qa.steps,
+                   disable=group.rank != 0)
         for step in bar:
-            chunk = [train[i] for i in _batch_indices(len(train), step, qa.batch_size, qa.seed)]
-            enc = ctx.inputs.questions([e.question for e in chunk])
+            rows = _batch_indices(len(train), step, qa.batch_size, qa.seed)
+            first = group.rank * micro  # this trainer's rows: the data of a step never depends on the trainer count
+            chunk = [train[i] for i in rows[first:first + micro]]
             gold = [{normalize_answer(a) for a in e.answers} for e in chunk]
-            scores, ids = model.retrieve(enc, ctx.index, qa.k)
-            span_logp, rb = model.read(ctx.inputs, ctx.inputs.question_tokens(enc), ids, gold)
-            loss, _, used = qa_marginal_loss(scores.float(), span_logp, rb.match.view(span_logp.shape))
+            scores, span_logp, rb = stepper.module(ctx.inputs, [e.question for e in chunk], gold, ctx.index, qa.k)
+            loss, log_marginal, used = qa_marginal_loss(scores.float(), span_logp, rb.match.view(span_logp.shape))
+            loss = _trainer_loss(loss, log_marginal, used, group)
             if not math.isfinite(loss.item()):
                 raise RuntimeError(f"fine-tune loss is {loss.item()} at step {step} (lower qa.lr)")
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
-            opt.step()
-            sched.step()
-            window.append((loss.item(), used.float().mean().item()))
-            bar.set_postfix(loss=f"{loss.item():.3f}")
+            stepper.micro_step(loss)
+            step_loss = mean_over_trainers(loss.item(), group)
+            window.append((step_loss, mean_over_trainers(used.float().mean().item(), group)))
+            bar.set_postfix(loss=f"{step_loss:.3f}")
             done = step + 1
             row = {}
             if done % qa.log_every == 0:
                 row.update(loss=sum(w[0] for w in window) / len(window), answerable=sum(w[1] for w in window) /
-                           len(window), lr=sched.get_last_lr()[0])
+                           len(window), lr=stepper.lr())
                 window = []
             if dev and (done % qa.eval_every == 0 or done == qa.steps):
                 _, m = evaluate_open_book(model, ctx, dev)
                 row.update(dev_em=m["em"], **{f"dev_{key}": v for key, v in m.items() if key.startswith("recall")})
             if row:
                 log.log(done, phase="finetune", **row)
-            signum = preempt.requested()  # SIGUSR1/SIGTERM: checkpoint now, exit 75 (slurm/finetune.sbatch requeues)
+            signum = preempt.requested_by_any(group)  # SIGUSR1/SIGTERM: checkpoint now, exit 75 (slurm requeues)
             if done % qa.checkpoint_every == 0 or done == qa.steps or signum:
-                save_checkpoint(self.out / "checkpoint", {"model": model.state_dict(), "optimizer": opt.state_dict(),
-                                                          "scheduler": sched.state_dict(), "step": done,
-                                                          "rng": rng_state()})
+                save_trainer_checkpoint(self.out, group, stepper, f"step{done}",
+                                        lambda: {"model": model.state_dict(), "step": done})
                 if signum and done < qa.steps:
                     raise preempt.Preempted(signum, done)
 
@@ -319,7 +363,9 @@ class Finetuner:
             reader.load_state_dict(load_checkpoint(ckpt_dir)["model"])
             return reader
         torch.manual_seed(qa.seed)
-        opt, sched = _optimizer([{"params": list(reader.parameters()), "lr": qa.lr}], cfg)
+        opt = torch.optim.AdamW([{"params": list(reader.parameters()), "lr": qa.lr}],
+                                weight_decay=cfg.optim.weight_decay)
+        sched = warmup_schedule(opt, step_plan(cfg, "qa"))
         reader.train()
         for step in tqdm(range(qa.steps), desc="closed-book", leave=False):
             chunk = [train[i] for i in _batch_indices(len(train), step, qa.batch_size, qa.seed)]

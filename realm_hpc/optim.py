@@ -1,16 +1,19 @@
-"""The optimizer step of the REALM loop: plain torch AdamW for a lone trainer, a DeepSpeed engine (ZeRO 1/2) for
-several trainers or whenever a DeepSpeed JSON is given.
+"""The optimizer step of the REALM and Open-QA loops: plain torch AdamW for a lone trainer, a DeepSpeed engine
+(ZeRO 1/2) for several trainers or whenever a DeepSpeed JSON is given (`make_stepper`).
 
 Both take one `micro_step(loss)` per micro batch and step the optimizer after the last of `grad_accum` of them, so
 the loop is the same code. The run config stays the one source of truth for what it already defines (batch sizes,
 learning rate, weight decay, clipping); the DeepSpeed JSON contributes what only DeepSpeed knows (ZeRO stage,
-bucket sizes, optimizer type) and may not contradict the run config.
+bucket sizes, optimizer type) and may not contradict the run config. Which config keys make a step is a `StepPlan`:
+pretraining's train/optim sections, or fine-tuning's qa section; a Config given where a plan is expected means its
+pretraining plan.
 """
 
 from __future__ import annotations
 
 import json
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -21,18 +24,44 @@ DEFAULT_DEEPSPEED = {"zero_optimization": {"stage": 2},
                      "optimizer": {"type": "AdamW", "params": {"torch_adam": True}}}
 
 
-def build_optimizer(model, cfg: Config, retriever_lr: float):
-    opt = torch.optim.AdamW(param_groups(model, cfg, retriever_lr), weight_decay=cfg.optim.weight_decay)
-    return opt, warmup_schedule(opt, cfg)
+@dataclass(frozen=True)
+class StepPlan:
+    """What one optimizer step is made of, and the config section that sets the batch (named in errors)."""
+    section: str  # "train" (pretraining) or "qa" (fine-tuning)
+    batch_size: int  # the global batch of a step, over all trainers and micro batches
+    grad_accum: int
+    lr: float  # the reader's; the retriever's comes with its parameter group
+    warmup_steps: int
+    weight_decay: float
+    grad_clip: float
+    deepspeed: str  # a DeepSpeed JSON, or "" for the default
 
 
-def param_groups(model, cfg: Config, retriever_lr: float) -> list[dict]:
-    return [{"params": list(model.reader.parameters()), "lr": cfg.optim.lr},
+def step_plan(cfg: Config | StepPlan, section: str = "train") -> StepPlan:
+    """The pretraining ("train") or fine-tuning ("qa", no accumulation) step of a run config."""
+    if isinstance(cfg, StepPlan):
+        return cfg
+    if section == "qa":
+        return StepPlan("qa", cfg.qa.batch_size, 1, cfg.qa.lr, cfg.qa.warmup_steps, cfg.optim.weight_decay,
+                        cfg.optim.grad_clip, cfg.train.deepspeed)
+    return StepPlan("train", cfg.train.batch_size, cfg.train.grad_accum, cfg.optim.lr, cfg.optim.warmup_steps,
+                    cfg.optim.weight_decay, cfg.optim.grad_clip, cfg.train.deepspeed)
+
+
+def build_optimizer(model, cfg: Config | StepPlan, retriever_lr: float):
+    plan = step_plan(cfg)
+    opt = torch.optim.AdamW(param_groups(model, plan, retriever_lr), weight_decay=plan.weight_decay)
+    return opt, warmup_schedule(opt, plan)
+
+
+def param_groups(model, cfg: Config | StepPlan, retriever_lr: float) -> list[dict]:
+    """The reader at the plan's learning rate, the retriever side (`model.retriever`) at `retriever_lr`."""
+    return [{"params": list(model.reader.parameters()), "lr": step_plan(cfg).lr},
             {"params": list(model.retriever.parameters()), "lr": retriever_lr}]
 
 
-def warmup_schedule(opt, cfg: Config):
-    warm = max(1, cfg.optim.warmup_steps)
+def warmup_schedule(opt, cfg: Config | StepPlan):
+    warm = max(1, step_plan(cfg).warmup_steps)
     return torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warm))
 
 
@@ -46,19 +75,22 @@ def keep_configured_lrs(sched, base_lrs: list[float]) -> None:
     sched._last_lr = [group["lr"] for group in sched.optimizer.param_groups]
 
 
-def micro_batch_size(cfg: Config, n_trainers: int) -> int:
-    per = n_trainers * cfg.train.grad_accum
-    if cfg.train.batch_size % per:
-        raise ConfigError(f"train.batch_size={cfg.train.batch_size} is not divisible by trainers ({n_trainers}) x "
-                          f"train.grad_accum ({cfg.train.grad_accum})")
-    return cfg.train.batch_size // per
+def micro_batch_size(cfg: Config | StepPlan, n_trainers: int) -> int:
+    plan = step_plan(cfg)
+    per = n_trainers * plan.grad_accum
+    if plan.batch_size % per:
+        accum = f" x {plan.section}.grad_accum ({plan.grad_accum})" if plan.section == "train" else ""
+        raise ConfigError(f"{plan.section}.batch_size={plan.batch_size} is not divisible by trainers ({n_trainers})"
+                          f"{accum}")
+    return plan.batch_size // per
 
 
-def deepspeed_config(cfg: Config, n_trainers: int) -> dict:
+def deepspeed_config(cfg: Config | StepPlan, n_trainers: int) -> dict:
     """The DeepSpeed JSON (or the ZeRO-2 default) completed from the run config."""
-    where = cfg.train.deepspeed or "the default DeepSpeed config"
-    if cfg.train.deepspeed:
-        path = Path(cfg.train.deepspeed)
+    plan = step_plan(cfg)
+    where = plan.deepspeed or "the default DeepSpeed config"
+    if plan.deepspeed:
+        path = Path(plan.deepspeed)
         if not path.is_file():
             raise ConfigError(f"train.deepspeed: {path}: no such file")
         try:
@@ -67,10 +99,10 @@ def deepspeed_config(cfg: Config, n_trainers: int) -> dict:
             raise ConfigError(f"{path}:{e.lineno}: invalid JSON ({e.msg})") from None
     else:
         ds = json.loads(json.dumps(DEFAULT_DEEPSPEED))
-    ours = {"train_batch_size": cfg.train.batch_size,
-            "train_micro_batch_size_per_gpu": micro_batch_size(cfg, n_trainers),
-            "gradient_accumulation_steps": cfg.train.grad_accum,
-            "gradient_clipping": cfg.optim.grad_clip}
+    ours = {"train_batch_size": plan.batch_size,
+            "train_micro_batch_size_per_gpu": micro_batch_size(plan, n_trainers),
+            "gradient_accumulation_steps": plan.grad_accum,
+            "gradient_clipping": plan.grad_clip}
     for key, value in ours.items():
         if key in ds and ds[key] != value:
             raise ConfigError(f"{where}: {key}={ds[key]} contradicts the run config ({value}); drop it from the JSON")
@@ -78,7 +110,7 @@ def deepspeed_config(cfg: Config, n_trainers: int) -> dict:
     if "optimizer" not in ds:
         ds["optimizer"] = json.loads(json.dumps(DEFAULT_DEEPSPEED["optimizer"]))
     # Per-group learning rates (reader vs retriever) come with the parameter groups; these are the defaults.
-    ds["optimizer"].setdefault("params", {}).update(lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay)
+    ds["optimizer"].setdefault("params", {}).update(lr=plan.lr, weight_decay=plan.weight_decay)
     stage = ds.get("zero_optimization", {}).get("stage", 0)
     if stage not in (0, 1, 2):
         raise ConfigError(f"{where}: zero_optimization.stage={stage}: the trainers support ZeRO stages 0, 1 and 2")
@@ -86,20 +118,28 @@ def deepspeed_config(cfg: Config, n_trainers: int) -> dict:
     return ds
 
 
+def make_stepper(model, cfg: Config | StepPlan, retriever_lr: float, n_trainers: int):
+    """DeepSpeed for several trainers or a DeepSpeed JSON, else plain AdamW."""
+    plan = step_plan(cfg)
+    if n_trainers > 1 or plan.deepspeed:
+        return DeepSpeedStepper(model, plan, retriever_lr, n_trainers)
+    return LocalStepper(model, plan, retriever_lr)
+
+
 class LocalStepper:
     """One process, torch AdamW: the single-trainer path."""
 
-    def __init__(self, model, cfg: Config, retriever_lr: float):
-        self.model, self.cfg = model, cfg
+    def __init__(self, model, cfg: Config | StepPlan, retriever_lr: float):
+        self.model, self.plan = model, step_plan(cfg)
         self.module = model
-        self.opt, self.sched = build_optimizer(model, cfg, retriever_lr)
+        self.opt, self.sched = build_optimizer(model, self.plan, retriever_lr)
         self._micro = 0
 
     def micro_step(self, loss: torch.Tensor) -> None:
-        (loss / self.cfg.train.grad_accum).backward()
+        (loss / self.plan.grad_accum).backward()
         self._micro += 1
-        if self._micro % self.cfg.train.grad_accum == 0:
-            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.optim.grad_clip)
+        if self._micro % self.plan.grad_accum == 0:
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.plan.grad_clip)
             self.opt.step()
             self.sched.step()
             self.opt.zero_grad(set_to_none=True)
@@ -118,27 +158,29 @@ class LocalStepper:
             keep_configured_lrs(self.sched, configured)
 
     def save(self, run_dir: Path, tag: str) -> None:
-        pass
+        """Nothing beside state(): returns no DeepSpeed tag."""
 
     def prune(self, run_dir: Path, keep: str) -> None:
         pass
 
 
 class DeepSpeedStepper:
-    """The trainers' DeepSpeed engine over the whole Realm module (reader, query encoder, doc encoder).
+    """The trainers' DeepSpeed engine over the whole trained module (Realm: reader, query and doc encoder; QAModel:
+    span reader and query encoder).
 
     Checkpoints: every trainer writes its ZeRO shard with `engine.save_checkpoint(run_dir/deepspeed, tag)`; the
     run's state.pt (written after, by trainer 0) names the tag, so a crash mid-save leaves state.pt pointing at the
     previous complete tag. Older tags are pruned after the commit.
     """
 
-    def __init__(self, model, cfg: Config, retriever_lr: float, n_trainers: int):
+    def __init__(self, model, cfg: Config | StepPlan, retriever_lr: float, n_trainers: int):
         import deepspeed
 
-        ds = deepspeed_config(cfg, n_trainers)
+        plan = step_plan(cfg)
+        ds = deepspeed_config(plan, n_trainers)
         self.engine, self.opt, _, self.sched = deepspeed.initialize(
-            model=model, model_parameters=param_groups(model, cfg, retriever_lr), config=ds,
-            lr_scheduler=lambda opt: warmup_schedule(opt, cfg))
+            model=model, model_parameters=param_groups(model, plan, retriever_lr), config=ds,
+            lr_scheduler=lambda opt: warmup_schedule(opt, plan))
         self.module = self.engine
 
     def micro_step(self, loss: torch.Tensor) -> None:
@@ -151,8 +193,9 @@ class DeepSpeedStepper:
     def state(self) -> dict:
         return {"optimizer": None, "scheduler": None}
 
-    def save(self, run_dir: Path, tag: str) -> None:
+    def save(self, run_dir: Path, tag: str) -> str:
         self.engine.save_checkpoint(str(run_dir / "deepspeed"), tag=tag, save_latest=False)
+        return tag
 
     def load(self, ckpt: dict, run_dir: Path) -> None:
         tag = ckpt.get("deepspeed_tag")

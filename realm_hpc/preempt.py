@@ -35,6 +35,14 @@ def requested() -> int | None:
     return _received
 
 
+def requested_by_any(group) -> int | None:
+    """The signal if any trainer of `group` (a dist.TrainerGroup) received one: the largest signal number over the
+    trainers, so all of them stop at the same step boundary (checkpoints are collective)."""
+    from realm_hpc.dist import max_over_trainers
+
+    return max_over_trainers(requested() or 0, group) or None
+
+
 def _handler(signum, frame) -> None:
     global _received
     if _received is None:

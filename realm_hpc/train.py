@@ -16,14 +16,14 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from realm_hpc import preempt
-from realm_hpc.checkpoint import atomic_write_json, load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from realm_hpc.checkpoint import atomic_write_json, load_checkpoint, save_trainer_checkpoint, set_trainer_rng_state
 from realm_hpc.config import Config
 from realm_hpc.data.examples import Batch, PretrainData
-from realm_hpc.dist import TrainerGroup, print0
+from realm_hpc.dist import TrainerGroup, barrier, mean_over_trainers, print0
 from realm_hpc.evaluate import mlm_accuracy, recall_at_k
 from realm_hpc.metrics import MetricsLogger, plot_curves
 from realm_hpc.models.realm import Realm
-from realm_hpc.optim import DeepSpeedStepper, LocalStepper, build_optimizer, micro_batch_size
+from realm_hpc.optim import build_optimizer, make_stepper, micro_batch_size
 from realm_hpc.retrieval.index import LiveIndex
 from realm_hpc.retrieval.refresh import InlineRefresher
 from realm_hpc.retrieval.sharded import build_index, full_embeddings, index_from_full
@@ -59,29 +59,6 @@ def batch_rows(batch: Batch, a: int, b: int) -> Batch:
     """Rows [a, b) of a batch: a trainer's micro batch of the global one."""
     return Batch(batch.query_ids[a:b], batch.query_mask[a:b], batch.x_tokens[a:b], batch.positions[a:b],
                  batch.targets[a:b], batch.target_mask[a:b], batch.source[a:b])
-
-
-def _mean_over_trainers(value: float, group: TrainerGroup) -> float:
-    if not group.distributed:
-        return value
-    import torch.distributed as dist
-
-    t = torch.tensor([value], dtype=torch.float64)
-    dist.all_reduce(t)
-    return float(t.item()) / group.size
-
-
-def _preempt_signal(group: TrainerGroup) -> int | None:
-    """The preemption signal if any trainer received one. Trainers stop at the same step boundary (checkpoints are
-    collective), so the flag is agreed on: the largest signal number over the trainers."""
-    signum = preempt.requested() or 0
-    if group.distributed:
-        import torch.distributed as dist
-
-        t = torch.tensor([signum], dtype=torch.int64)
-        dist.all_reduce(t, op=dist.ReduceOp.MAX)
-        signum = int(t.item())
-    return signum or None
 
 
 class Pretrainer:
@@ -129,10 +106,8 @@ class Pretrainer:
         """Trainer 0 builds run_dir/data (tokenizer, block store) if missing; the others open it after."""
         if not self.group.distributed:
             return PretrainData(self.cfg, self.run_dir)
-        import torch.distributed as dist
-
         data = PretrainData(self.cfg, self.run_dir) if self.group.rank == 0 else None
-        dist.barrier()
+        barrier(self.group)
         return data or PretrainData(self.cfg, self.run_dir, build=False)
 
     def _global_step(self) -> int:
@@ -155,7 +130,7 @@ class Pretrainer:
         best, stalls = state.recall_at_k_start, 0
         bar = tqdm(range(cfg.ict.steps), desc="ict", leave=False, disable=self.group.rank != 0)
         for step in bar:
-            signum = _preempt_signal(self.group)
+            signum = preempt.requested_by_any(self.group)
             if signum:  # ICT keeps no optimizer state in checkpoints: a resume restarts it
                 raise preempt.Preempted(signum, state.ict_steps, checkpointed=False)
             queries, blocks = data.ict_batch(step, cfg.ict.batch_size, cfg.train.seed, cfg.ict.keep_sentence_prob)
@@ -188,17 +163,13 @@ class Pretrainer:
         cfg, data, model, state, group = self.cfg, self.data, self.model, self.state, self.group
         k = cfg.retrieval.k
         retriever_lr = cfg.optim.lr * cfg.optim.retriever_lr_scale
-        if group.distributed or cfg.train.deepspeed:
-            stepper = DeepSpeedStepper(model, cfg, retriever_lr, group.size)
-        else:
-            stepper = LocalStepper(model, cfg, retriever_lr)
+        stepper = make_stepper(model, cfg, retriever_lr, group.size)
         micro, accum = micro_batch_size(cfg, group.size), cfg.train.grad_accum
         if ckpt is not None and ckpt.get("index") is not None:
             stepper.load(ckpt, self.run_dir)
             idx = ckpt["index"]
             live = index_from_full(idx["embeddings"], idx["version"], idx["weights_step"], group, cfg.index.sharded)
-            ranks = ckpt.get("rng_ranks") or []
-            set_rng_state(ranks[group.rank] if len(ranks) == group.size else ckpt["rng"])
+            set_trainer_rng_state(ckpt, group)
         else:
             if self.untrained_index is not None and state.step == 0:
                 live, self.untrained_index = self.untrained_index, None
@@ -253,7 +224,7 @@ class Pretrainer:
                         raise TrainingError(f"loss is {loss.item()} at step {step} (lower optim.lr or check the data)")
                     stepper.micro_step(loss)
                     losses.append(loss.item())
-                step_loss = _mean_over_trainers(sum(losses) / len(losses), group)
+                step_loss = mean_over_trainers(sum(losses) / len(losses), group)
                 state.step = step + 1
                 staleness = live.staleness(state.step)
                 state.max_staleness = max(state.max_staleness, staleness)
@@ -271,7 +242,7 @@ class Pretrainer:
                 if row:
                     self.log.log(self._global_step(), phase="warmup" if warm else "realm", index_version=live.version,
                                  staleness=staleness, **row)
-                signum = _preempt_signal(group)
+                signum = preempt.requested_by_any(group)
                 if state.step < cfg.train.steps and (state.step % cfg.train.checkpoint_every == 0 or signum):
                     self.checkpoint(live, stepper)
                     if signum:
@@ -286,36 +257,17 @@ class Pretrainer:
         """Collective over the trainers: DeepSpeed shards first, then trainer 0 commits state.pt naming them."""
         self.state.wall_s += time.perf_counter() - self.t0
         self.t0 = time.perf_counter()
-        st, group = self.state, self.group
-        tag = f"step{st.step}"
-        if stepper is not None:
-            stepper.save(self.run_dir, tag)
-        embeddings = None if live is None else full_embeddings(live)
-        rngs = [rng_state()]
-        if group.distributed:
-            import torch.distributed as dist
+        st = self.state
+        embeddings = None if live is None else full_embeddings(live)  # collective
 
-            rngs = [None] * group.size
-            dist.all_gather_object(rngs, rng_state())
-        if group.rank == 0:
-            payload = {
-                "model": self.model.state_dict(),
-                **(stepper.state() if stepper is not None else {"optimizer": None, "scheduler": None}),
-                "deepspeed_tag": tag if isinstance(stepper, DeepSpeedStepper) else None,
-                "run_state": {k: getattr(st, k) for k in RunState.__dataclass_fields__},
-                "rng": rngs[0],
-                "rng_ranks": rngs,
-                "data_position": st.step * self.cfg.train.batch_size,
-                "index": None if live is None else {"embeddings": embeddings, "version": live.snapshot.version,
-                                                    "weights_step": live.snapshot.weights_step},
-            }
-            save_checkpoint(self.run_dir / "checkpoint", payload)
-            if stepper is not None:
-                stepper.prune(self.run_dir, tag)
-        if group.distributed:
-            import torch.distributed as dist
+        def state() -> dict:
+            return {"model": self.model.state_dict(),
+                    "run_state": {k: getattr(st, k) for k in RunState.__dataclass_fields__},
+                    "data_position": st.step * self.cfg.train.batch_size,
+                    "index": None if live is None else {"embeddings": embeddings, "version": live.snapshot.version,
+                                                        "weights_step": live.snapshot.weights_step}}
 
-            dist.barrier()
+        save_trainer_checkpoint(self.run_dir, self.group, stepper, f"step{st.step}", state)
 
     def finish(self, live: LiveIndex) -> dict:
         cfg, data, model, st = self.cfg, self.data, self.model, self.state

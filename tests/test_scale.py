@@ -166,3 +166,61 @@ def _rows_if_any(run: Path) -> list[dict]:
         return [r for r in read_metrics(run) if "loss" in r]
     except FileNotFoundError:
         return []
+
+
+# -- Open-QA fine-tuning on several trainers -------------------------------------------------------------------------
+FT_STEPS = 6
+FT_COMMON = ["finetune", "--recipe", "qa-tiny", "--set", "qa.log_every=1", "--set", "qa.eval_every=1000",
+             "--set", "qa.checkpoint_every=1000", "--set", "qa.closed_book_baseline=false",
+             "--set", "qa.dev_fraction=0.02", "--set", "qa.test_fraction=0.02"]
+
+
+@pytest.fixture(scope="module")
+def ft_one_and_two(tmp_path_factory, small_world):
+    """A tiny pretraining without dropout (a fine-tune keeps the pretrained model settings), then the same fine-tune
+    on 1 trainer (plain AdamW, FT_STEPS steps) and on 2 MPI trainers (DeepSpeed ZeRO-2, half of the steps: the
+    resume test continues it)."""
+    from realm_hpc.cli import main
+    from test_finetune_e2e import PRETRAIN
+
+    if MPIEXEC is None:
+        pytest.skip("mpiexec not found (pip install mpich mpi4py)")
+    root = tmp_path_factory.mktemp("ft_one_two")
+    pre, one, two = root / "pretrain", root / "one", root / "two"
+    t0 = time.perf_counter()
+    main([*PRETRAIN, "--set", "model.dropout=0", *(a for kv in small_world for a in ("--set", kv)), "--out", str(pre)])
+    main([*FT_COMMON, "--pretrained", str(pre), "--out", str(one), "--set", f"qa.steps={FT_STEPS}"])
+    _run([MPIEXEC, "-n", 2, *REALM, *FT_COMMON, "--pretrained", pre, "--out", two,
+          "--set", f"qa.steps={FT_STEPS // 2}"], cwd=root)
+    print(f"\npretrain + 1-trainer and 2-trainer fine-tunes: {time.perf_counter() - t0:.1f} s")
+    return one, two
+
+
+def _ft_losses(run: Path) -> dict[int, float]:
+    return {r["step"]: r["loss"] for r in read_metrics(run) if "loss" in r}
+
+
+def test_finetune_one_and_two_trainers_give_the_same_losses(ft_one_and_two):
+    one, two = ft_one_and_two
+    a, b = _ft_losses(one), _ft_losses(two)
+    assert list(b) == list(range(1, FT_STEPS // 2 + 1))
+    assert any(a[s] > 0 for s in b), a  # some questions of these steps have their answer in the top-k
+    for s in b:
+        assert b[s] == pytest.approx(a[s], rel=1e-5, abs=1e-6), (s, a[s], b[s])
+    summary = json.loads((two / "summary.json").read_text())
+    assert summary["trainers"] == 2 and summary["steps"] == FT_STEPS // 2 and "dev_em" in summary
+    assert (two / "eval" / "dev.predictions.jsonl").is_file()
+    assert list((two / "deepspeed").glob("step*")) == [two / "deepspeed" / f"step{FT_STEPS // 2}"]
+
+
+def test_finetune_resume_under_two_trainers(ft_one_and_two):
+    """--resume on 2 trainers continues from the DeepSpeed checkpoint with the 1-trainer run's losses."""
+    one, two = ft_one_and_two
+    _run([MPIEXEC, "-n", 2, *REALM, "finetune", "--out", two, "--resume", "--set", f"qa.steps={FT_STEPS}"],
+         cwd=two.parent)
+    a, b = _ft_losses(one), _ft_losses(two)
+    assert list(b) == list(a) == list(range(1, FT_STEPS + 1))  # nothing lost, nothing logged twice
+    for s in b:
+        assert b[s] == pytest.approx(a[s], rel=1e-5, abs=1e-6), (s, a[s], b[s])
+    assert json.loads((two / "summary.json").read_text())["steps"] == FT_STEPS
+    assert [p.name for p in (two / "deepspeed").glob("step*")] == [f"step{FT_STEPS}"]
