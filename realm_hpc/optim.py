@@ -35,6 +35,7 @@ class StepPlan:
     weight_decay: float
     grad_clip: float
     deepspeed: str  # a DeepSpeed JSON, or "" for the default
+    head_lr_scale: float = 1.0  # the reader's heads vs its BERT body (pretraining's optim.head_lr_scale)
 
 
 def step_plan(cfg: Config | StepPlan, section: str = "train") -> StepPlan:
@@ -45,7 +46,7 @@ def step_plan(cfg: Config | StepPlan, section: str = "train") -> StepPlan:
         return StepPlan("qa", cfg.qa.batch_size, 1, cfg.qa.lr, cfg.qa.warmup_steps, cfg.optim.weight_decay,
                         cfg.optim.grad_clip, cfg.train.deepspeed)
     return StepPlan("train", cfg.train.batch_size, cfg.train.grad_accum, cfg.optim.lr, cfg.optim.warmup_steps,
-                    cfg.optim.weight_decay, cfg.optim.grad_clip, cfg.train.deepspeed)
+                    cfg.optim.weight_decay, cfg.optim.grad_clip, cfg.train.deepspeed, cfg.optim.head_lr_scale)
 
 
 def build_optimizer(model, cfg: Config | StepPlan, retriever_lr: float):
@@ -55,9 +56,16 @@ def build_optimizer(model, cfg: Config | StepPlan, retriever_lr: float):
 
 
 def param_groups(model, cfg: Config | StepPlan, retriever_lr: float) -> list[dict]:
-    """The reader at the plan's learning rate, the retriever side (`model.retriever`) at `retriever_lr`."""
-    return [{"params": list(model.reader.parameters()), "lr": step_plan(cfg).lr},
-            {"params": list(model.retriever.parameters()), "lr": retriever_lr}]
+    """The reader at the plan's learning rate, the retriever side (`model.retriever`) at `retriever_lr`; with
+    head_lr_scale != 1 the reader's heads (everything but its BERT body `mlm.bert`) get their own group."""
+    plan = step_plan(cfg)
+    retriever = {"params": list(model.retriever.parameters()), "lr": retriever_lr}
+    if plan.head_lr_scale == 1.0:
+        return [{"params": list(model.reader.parameters()), "lr": plan.lr}, retriever]
+    named = list(model.reader.named_parameters())
+    body = [p for name, p in named if name.startswith("mlm.bert.")]
+    heads = [p for name, p in named if not name.startswith("mlm.bert.")]
+    return [{"params": body, "lr": plan.lr}, retriever, {"params": heads, "lr": plan.lr * plan.head_lr_scale}]
 
 
 def warmup_schedule(opt, cfg: Config | StepPlan):

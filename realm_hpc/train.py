@@ -218,7 +218,9 @@ class Pretrainer:
                     first = (m * group.size + group.rank) * micro  # the data of a step never depends on T
                     batch = batch_rows(full_batch, first, first + micro) if micro < cfg.train.batch_size else full_batch
                     out = stepper.module(batch, data, live, cfg.train.reader_warmup_k if warm else k, train_retriever,
-                                         exclude_source=False if warm and cfg.train.warmup_allow_source else None)
+                                         exclude_source=False if warm and cfg.train.warmup_allow_source else None,
+                                         docs=batch.source[:, None] if warm and cfg.train.warmup_source_block
+                                         else None)
                     loss = -out.log_marginal.mean()
                     if not math.isfinite(loss.item()):
                         raise TrainingError(f"loss is {loss.item()} at step {step} (lower optim.lr or check the data)")
@@ -303,8 +305,6 @@ class Pretrainer:
 
     def closed_book_baseline(self) -> float:
         """The same reader, budget and data with retrieval off: it sees only the null document."""
-        from dataclasses import replace
-
         cfg = self.cfg
         cb_cfg = replace(cfg, retrieval=replace(cfg.retrieval, enabled=False))
         torch.manual_seed(cfg.train.seed)

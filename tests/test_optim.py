@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from realm_hpc.config import ConfigError
-from realm_hpc.optim import LocalStepper, deepspeed_config, micro_batch_size
+from realm_hpc.optim import LocalStepper, param_groups, deepspeed_config, micro_batch_size
 from realm_hpc.recipes import get_recipe
 
 CONFIGS = Path(__file__).parents[1] / "configs"
@@ -76,3 +76,22 @@ def test_resume_keeps_the_schedule_position_and_takes_the_configured_lrs():
     for _ in range(6):  # the warm-up ends at the configured rates
         new.micro_step(new.model.reader(torch.ones(1, 3)).sum() + new.model.retriever(torch.ones(1, 3)).sum())
     assert [g["lr"] for g in new.opt.param_groups] == pytest.approx([2e-3, 6e-4])
+
+
+def test_head_lr_scale_gives_the_reader_heads_their_own_group():
+    from realm_hpc.models.realm import Realm
+
+    cfg = get_recipe("tiny")
+    cfg.model.vocab_size, cfg.model.hidden, cfg.model.intermediate, cfg.model.layers = 100, 16, 32, 1
+    model = Realm(cfg, 100)
+    assert len(param_groups(model, cfg, 1e-4)) == 2
+    cfg.optim.lr, cfg.optim.head_lr_scale = 1e-4, 20.0
+    body, retriever, heads = param_groups(model, cfg, 5e-5)
+    assert (body["lr"], retriever["lr"], heads["lr"]) == pytest.approx((1e-4, 5e-5, 2e-3))
+    ids = [id(p) for g in (body, retriever, heads) for p in g["params"]]
+    assert len(ids) == len(set(ids)) and set(ids) == {id(p) for p in model.parameters()}
+    head_ids = {id(p) for p in heads["params"]}
+    assert {id(p) for p in model.reader.copy_query.parameters()} <= head_ids  # the copy head (tiny has one)
+    assert id(model.reader.mlm.cls.predictions.transform.dense.weight) in head_ids
+    # The tied output embedding is the BERT body's word embedding, not a head parameter.
+    assert id(model.reader.mlm.bert.embeddings.word_embeddings.weight) not in head_ids

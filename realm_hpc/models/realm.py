@@ -42,8 +42,11 @@ class Realm(nn.Module):
         return q @ self.retriever.doc(ids, torch.ones_like(ids)).squeeze(0)
 
     def forward(self, batch: Batch, data: PretrainData, index: LiveIndex | None, k: int,
-                train_retriever: bool = True, exclude_source: bool | None = None) -> RealmOutput:
-        """exclude_source: None = the config's trivial-retrieval exclusion (always on outside the reader warm-up)."""
+                train_retriever: bool = True, exclude_source: bool | None = None,
+                docs: torch.Tensor | None = None) -> RealmOutput:
+        """exclude_source: None = the config's trivial-retrieval exclusion (always on outside the reader warm-up).
+        docs: [B, k'] block ids to read instead of searching the index (the warm-up on the source block); their
+        relevance scores come from the current encoders."""
         B = batch.query_ids.size(0)
         use_retrieval = self.cfg.retrieval.enabled and index is not None and k > 0
         with torch.set_grad_enabled(train_retriever and torch.is_grad_enabled()):
@@ -53,10 +56,10 @@ class Realm(nn.Module):
                 if exclude_source is None:
                     exclude_source = self.cfg.retrieval.exclude_source
                 exclude = batch.source if exclude_source else None
-                stale_scores, ids = index.search(q, k, exclude)
-                if train_retriever:
-                    docs = data.blocks.batch(ids.flatten().tolist())
-                    g = self.retriever.doc(docs["input_ids"], docs["attention_mask"]).view(B, k, -1)
+                stale_scores, ids = index.search(q, k, exclude) if docs is None else (None, docs)
+                if train_retriever or stale_scores is None:
+                    blocks = data.blocks.batch(ids.flatten().tolist())
+                    g = self.retriever.doc(blocks["input_ids"], blocks["attention_mask"]).view(B, ids.size(1), -1)
                     parts_scores.append(torch.einsum("bp,bkp->bk", q, g))
                 else:
                     parts_scores.append(stale_scores.to(q.dtype))

@@ -129,6 +129,28 @@ def test_frozen_retriever_gets_no_gradient(cfg, data, model):
     assert all(p.grad is None for p in model.retriever.parameters())
 
 
+def test_warmup_on_the_source_block_reads_it_and_scores_it_with_the_current_encoders(cfg, data, model):
+    """train.warmup_source_block: the reader gets the query's own block (plus the null doc), whatever the index
+    holds; its relevance is f(x)·g(z) of the current encoders, and the frozen retriever gets no gradient."""
+    model.eval()  # no dropout: the scores are compared with a second encoding
+    batch = _batch_with_distinct_sources(data)
+    stale = LiveIndex(IndexSnapshot(torch.zeros(len(data.blocks), cfg.model.proj_dim), 1, 0))
+    out = model(batch, data, stale, 1, train_retriever=False, docs=batch.source[:, None])
+    assert out.doc_ids[:, 0].tolist() == batch.source.tolist() and (out.doc_ids[:, 1] == -1).all()
+    with torch.no_grad():
+        q = model.retriever.query(batch.query_ids, batch.query_mask)
+        blocks = data.blocks.batch(batch.source.tolist())
+        g = model.retriever.doc(blocks["input_ids"], blocks["attention_mask"])
+    torch.testing.assert_close(out.scores[:, 0], (q * g).sum(1), atol=1e-5, rtol=1e-5)
+    # The block holds the masked sentence: its tokens are in the reader's input after the query.
+    row = out.reader_inputs["input_ids"][0].tolist()
+    first_target = int(batch.targets[0, 0])
+    assert first_target in row[row.index(data.sep_id) + 1:]
+    (-out.log_marginal.mean()).backward()
+    assert _grad_norm(model.reader) > 0
+    assert all(p.grad is None for p in model.retriever.parameters())
+
+
 def test_closed_book_uses_only_the_null_doc(cfg, data):
     cb_cfg = replace(cfg, retrieval=replace(cfg.retrieval, enabled=False))
     torch.manual_seed(0)
