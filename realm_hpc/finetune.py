@@ -204,6 +204,7 @@ class Finetuner:
                    if pre[section][key] != value]
         if changed:
             raise ConfigError(f"{', '.join(changed)}: a fine-tune keeps the pretrained run's model and data settings")
+        micro_batch_size(step_plan(cfg, "qa"), group.size)  # a batch the trainers cannot split stops here, not later
 
     def run(self) -> dict:
         cfg, out = self.cfg, self.out

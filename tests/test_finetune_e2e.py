@@ -154,6 +154,21 @@ def test_finetune_cli_errors(pretrained, tmp_path, capsys):
         assert exit_.value.code == 2 and needle in err and err.count("\n") == 1, (argv, err)
 
 
+def test_a_batch_the_trainers_cannot_split_stops_before_any_work(pretrained, tmp_path):
+    """Three trainers and qa.batch_size=16: the error comes from the constructor, before questions, index or model."""
+    from realm_hpc.config import ConfigError, load_config
+    from realm_hpc.dist import TrainerGroup
+    from realm_hpc.finetune import Finetuner
+    from realm_hpc.recipes import FINETUNE_RECIPES
+
+    cfg = load_config(str(pretrained / "config.json"))
+    cfg.qa = FINETUNE_RECIPES["qa-tiny"]().qa
+    cfg.qa.pretrained, cfg.qa.batch_size = str(pretrained), 16
+    with pytest.raises(ConfigError, match=r"^qa\.batch_size=16 is not divisible by trainers \(3\)"):
+        Finetuner(cfg, tmp_path / "ft", group=TrainerGroup(0, 3))
+    assert not (tmp_path / "ft").exists()
+
+
 def test_bad_qa_file_stops_with_file_and_line(pretrained, tmp_path, capsys):
     bad = tmp_path / "bad.qa.csv"
     bad.write_text("q one\t['x']\nq two\t['y'\n", encoding="utf-8")
