@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import json
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 
@@ -268,10 +269,13 @@ def from_dict(data: dict) -> Config:
     return cfg.validate()
 
 
+def read_json(path: str | Path, error: type[Exception] = ConfigError):
+    """A whole JSON file (run config, DeepSpeed JSON, index meta); invalid JSON is one `error` naming file:line."""
+    try:
+        return json.loads(Path(path).read_text())
+    except json.JSONDecodeError as e:
+        raise error(f"{path}:{e.lineno}: invalid JSON ({e.msg})") from None
+
+
 def load_config(path: str) -> Config:
-    with open(path) as f:
-        try:
-            data = json.load(f)
-        except json.JSONDecodeError as e:
-            raise ConfigError(f"{path}:{e.lineno}: invalid JSON ({e.msg})") from None
-    return from_dict(data)
+    return from_dict(read_json(path))

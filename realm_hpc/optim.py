@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from realm_hpc.config import Config, ConfigError
+from realm_hpc.config import Config, ConfigError, read_json
 
 DEFAULT_DEEPSPEED = {"zero_optimization": {"stage": 2},
                      "optimizer": {"type": "AdamW", "params": {"torch_adam": True}}}
@@ -101,10 +101,7 @@ def deepspeed_config(cfg: Config | StepPlan, n_trainers: int) -> dict:
         path = Path(plan.deepspeed)
         if not path.is_file():
             raise ConfigError(f"train.deepspeed: {path}: no such file")
-        try:
-            ds = json.loads(path.read_text())
-        except json.JSONDecodeError as e:
-            raise ConfigError(f"{path}:{e.lineno}: invalid JSON ({e.msg})") from None
+        ds = read_json(path)
     else:
         ds = json.loads(json.dumps(DEFAULT_DEEPSPEED))
     ours = {"train_batch_size": plan.batch_size,

@@ -27,7 +27,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from realm_hpc.config import Config, from_dict
+from realm_hpc.config import Config, from_dict, read_json
 from realm_hpc.data.corpus import atomic_dir
 from realm_hpc.data.tokenizer import load_tokenizer
 from realm_hpc.retrieval.backends import Backend, build_backend, read_faiss, write_faiss
@@ -138,10 +138,7 @@ class SavedIndex:
         meta_path = path / "meta.json"
         if not meta_path.exists():
             raise FileNotFoundError(f"{meta_path}: not an index directory (no meta.json)")
-        try:
-            meta = json.loads(meta_path.read_text())
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{meta_path}:{e.lineno}: invalid JSON ({e.msg})") from None
+        meta = read_json(meta_path, ValueError)
         if meta.get("format") != FORMAT:
             raise ValueError(f"{meta_path}: unknown index format {meta.get('format')!r} (expected {FORMAT}; "
                              "rebuild it with realm-hpc build-index)")
