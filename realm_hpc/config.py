@@ -27,6 +27,7 @@ class ModelConfig:
     intermediate: int = 512
     proj_dim: int = 128  # REALM's retrieval embedding size
     pooling: str = "cls"  # cls (REALM) | mean: a small BERT from scratch learns ICT far faster with mean pooling
+    normalize: bool = False  # L2-normalise the pooled vector before the projection (sentence-transformers' Normalize)
     block_len: int = 288  # [CLS] title [SEP] text [SEP]
     query_len: int = 64
     reader_len: int = 192  # [CLS] x [SEP] z [SEP], z truncated to fit

@@ -7,7 +7,8 @@
 
 Load an encoder with `BertModel.from_pretrained(dir, add_pooling_layer=False)` (REALM uses no BERT pooler;
 without the flag transformers adds a random one and warns). An embedding is `proj(pool(last_hidden_state))`:
-pool is [CLS] or the attention-masked mean (`pooling` in realm_export.json); `proj` is a Linear whose `weight`
+pool is [CLS] or the attention-masked mean (`pooling` in realm_export.json), L2-normalised when `normalize` is
+true; `proj` is a Linear whose `weight`
 [proj_dim, hidden] and `bias` [proj_dim] are in realm_projection.safetensors. The reader's copy head (small
 from-scratch recipes only) is extra: plain `BertForMaskedLM` gives the vocabulary distribution without it.
 """
@@ -49,7 +50,7 @@ def export_model(cfg: Config, tokenizer, model: Realm, out: str | os.PathLike, s
             save_file(heads, str(tmp / "reader" / COPY_HEAD_FILE))
         atomic_write_json(tmp / "realm_export.json", {
             "source_run": source, "recipe": cfg.recipe, "pooling": cfg.model.pooling,
-            "proj_dim": cfg.model.proj_dim, "copy_head": cfg.model.copy_head,
+            "normalize": cfg.model.normalize, "proj_dim": cfg.model.proj_dim, "copy_head": cfg.model.copy_head,
             "projection_file": PROJECTION_FILE, "copy_head_file": COPY_HEAD_FILE if reader.copy_head else None,
         })
     return Path(out)

@@ -29,6 +29,8 @@ def test_export_round_trip_through_plain_transformers(tiny_run, tmp_path):
             hidden = bert(**enc).last_hidden_state
             mask = enc["attention_mask"].unsqueeze(-1).float()
             pooled = hidden[:, 0] if meta["pooling"] == "cls" else (hidden * mask).sum(1) / mask.sum(1)
+            if meta["normalize"]:
+                pooled = torch.nn.functional.normalize(pooled, dim=-1)
             theirs = pooled @ proj["weight"].T + proj["bias"]
             expected = ours(enc["input_ids"], enc["attention_mask"])
         assert theirs.shape == (2, cfg.model.proj_dim)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from transformers import BertConfig, BertModel
 
@@ -27,14 +28,20 @@ class Encoder(nn.Module):
         super().__init__()
         self.bert = build_bert(cfg, vocab_size, max_len)
         self.proj = nn.Linear(self.bert.config.hidden_size, cfg.proj_dim)
-        self.pooling = cfg.pooling
+        self.pooling, self.normalize = cfg.pooling, cfg.normalize
+        if cfg.normalize:  # a unit vector's projection is as small as a random bias, which would swamp the ranking
+            nn.init.zeros_(self.proj.bias)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         hidden = self.bert(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
         if self.pooling == "cls":
-            return self.proj(hidden[:, 0])
-        mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
-        return self.proj((hidden * mask).sum(1) / mask.sum(1).clamp_min(1.0))
+            pooled = hidden[:, 0]
+        else:
+            mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
+            pooled = (hidden * mask).sum(1) / mask.sum(1).clamp_min(1.0)
+        # A sentence embedder (MiniLM) was trained for cosine similarity: its unnormalised vectors lose much of
+        # their ranking through a random projection, its normalised ones far less (README, wiki recipe).
+        return self.proj(F.normalize(pooled, dim=-1) if self.normalize else pooled)
 
 
 class Retriever(nn.Module):

@@ -186,3 +186,23 @@ def test_predict_tokens_shape_and_range(cfg, data, model):
     assert pred.shape == batch.targets.shape
     assert pred.dtype == torch.int64 and int(pred.min()) >= 0 and int(pred.max()) < data.vocab_size
     assert np.isfinite(out.log_marginal.numpy()).all()
+
+
+def test_normalize_pools_to_a_unit_vector_before_the_projection(cfg, data):
+    from realm_hpc.models.encoders import Encoder
+
+    small = replace(cfg.model, normalize=True, proj_dim=cfg.model.hidden)
+    torch.manual_seed(0)
+    enc = Encoder(small, data.vocab_size, small.block_len).eval()
+    with torch.no_grad():  # identity projection: the output is the pooled vector itself
+        enc.proj.weight.copy_(torch.eye(small.hidden))
+        enc.proj.bias.zero_()
+    blocks = data.blocks.batch(range(5))
+    with torch.no_grad():
+        out = enc(blocks["input_ids"], blocks["attention_mask"])
+        plain = Encoder(replace(small, normalize=False), data.vocab_size, small.block_len).eval()
+        plain.load_state_dict(enc.state_dict())
+        raw = plain(blocks["input_ids"], blocks["attention_mask"])
+    torch.testing.assert_close(out.norm(dim=-1), torch.ones(5))
+    assert not torch.allclose(raw.norm(dim=-1), torch.ones(5))  # the unnormalised pool is not unit length already
+    torch.testing.assert_close(out, raw / raw.norm(dim=-1, keepdim=True))
