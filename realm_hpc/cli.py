@@ -155,8 +155,8 @@ def _trainer_group(cfg: Config):
     if launched_by_mpi():
         from mpi4py import MPI
 
-        return init_trainer_group(MPI.COMM_WORLD, force=bool(cfg.train.deepspeed))
-    return init_trainer_group(None, force=bool(cfg.train.deepspeed))
+        return init_trainer_group(MPI.COMM_WORLD, force=bool(cfg.train.deepspeed), device=cfg.train.device)
+    return init_trainer_group(None, force=bool(cfg.train.deepspeed), device=cfg.train.device)
 
 
 def _write_run_config(run_dir: Path, cfg: Config, group) -> None:
@@ -197,7 +197,7 @@ def cmd_pretrain(args) -> None:
             torch.set_num_threads(1)  # the trainers keep the cores; a refresher is busy only between swaps
             _serve_refresher(comm, roles.refresher_index, roles.n_refreshers)
             return
-        group = init_trainer_group(sub, force=bool(cfg.train.deepspeed))
+        group = init_trainer_group(sub, force=bool(cfg.train.deepspeed), device=cfg.train.device)
         from realm_hpc.retrieval.refresh import MPIRefresher, RefresherSpawner, TrainerBroadcastRefresher
 
         spawner = RefresherSpawner(sub, roles.n_refreshers) if cfg.refresh.respawn else None

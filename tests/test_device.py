@@ -1,5 +1,5 @@
 """train.device / refresh.device resolution and the trainers' backend, with CUDA faked (torch.cuda.set_device is
-stubbed: no GPU is touched)."""
+stubbed: no GPU is touched), and the CPU path of the device plumbing (Batch.to, LiveIndex placement)."""
 
 import pytest
 import torch
@@ -123,4 +123,24 @@ def test_node_local_rank_reads_the_launcher(monkeypatch):
     assert node_local_rank() == 3
     monkeypatch.setenv("MPI_LOCALRANKID", "1")  # hydra's, before srun's
     assert node_local_rank() == 1
+
+
+def test_batch_to_the_same_device_is_the_batch_itself():
+    from realm_hpc.data.examples import Batch
+
+    b = Batch(torch.ones(2, 3, dtype=torch.long), torch.ones(2, 3, dtype=torch.long), [], torch.zeros(2, 1,
+              dtype=torch.long), torch.zeros(2, 1, dtype=torch.long), torch.ones(2, 1), torch.tensor([0, 1]))
+    assert b.to("cpu") is b
+
+
+def test_live_index_moves_swapped_snapshots_to_its_device():
+    from realm_hpc.retrieval.index import IndexSnapshot, LiveIndex
+
+    emb = torch.randn(6, 4)
+    live = LiveIndex(IndexSnapshot(emb, 1, 0), device="cpu")
+    assert live.snapshot.embeddings is emb  # already there: no copy
+    live.swap(IndexSnapshot(emb * 2, 2, 5))
+    assert live.device == torch.device("cpu") and live.version == 2
+    scores, ids = live.search(torch.randn(3, 4), 2, torch.tensor([0, -1, 5]))
+    assert scores.shape == ids.shape == (3, 2) and not (ids[0] == 0).any() and not (ids[2] == 5).any()
 
