@@ -261,9 +261,13 @@ def _serve_refresher(comm, shard_index: int, n_shards: int) -> None:
         from realm_hpc.data.tokenizer import load_tokenizer
         from realm_hpc.models.encoders import Encoder
 
+        from realm_hpc.device import node_local_rank, refresher_device
+
         cfg = load_config(str(Path(run_dir) / "config.json"))
         tokenizer = load_tokenizer(cfg.model.pretrained or Path(run_dir) / "data" / "tokenizer")
-        encoder = Encoder(cfg.model, len(tokenizer), cfg.model.block_len)
+        # The weights arrive as CPU floats (load_flat_params copies them in); embeddings go back as CPU numpy.
+        device = refresher_device(cfg.refresh.device, node_local_rank())
+        encoder = Encoder(cfg.model, len(tokenizer), cfg.model.block_len).to(device)
         return encoder, BlockStore.open(Path(run_dir) / "data" / "blocks"), cfg.refresh.batch_size
 
     stop = serve_refresher(comm, trainer=0, shard_index=shard_index, n_shards=n_shards, make_encoder=make_encoder)
