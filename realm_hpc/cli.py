@@ -352,7 +352,10 @@ def cmd_evaluate(args) -> None:
     from realm_hpc.evaluate import mlm_accuracy, recall_at_k
     from realm_hpc.train import fresh_index
 
+    from realm_hpc.device import trainer_device
+
     cfg, data, model = _load_run(args.run)
+    model.to(trainer_device(cfg.train.device))  # where the run evaluated itself: the numbers of its summary
     k = cfg.retrieval.k
     index = fresh_index(model, data, cfg, 0, 0)
     result = {f"recall_at_{k}": recall_at_k(model, data, index, k),

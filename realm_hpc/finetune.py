@@ -409,9 +409,10 @@ def evaluate_run(run_dir: str | Path, qa_file: str | Path) -> dict:
     vocab = len(tokenizer)
     m = cfg.model
     inputs = QAInputs(tokenizer, blocks, m.reader_len, m.query_len, cfg.qa.max_span_len)
-    emb = SavedIndex.open(run_dir / "index").embeddings().float()
+    device = trainer_device(cfg.train.device)  # where the fine-tune evaluated itself: the numbers of its summary
+    emb = SavedIndex.open(run_dir / "index").embeddings().float().to(device)
     ctx = QAContext(cfg, inputs, emb, vocab)
-    model = QAModel(cfg, vocab)
+    model = QAModel(cfg, vocab).to(device)
     model.load_state_dict(load_checkpoint(run_dir / "checkpoint")["model"])
     examples = read_qa(qa_file)
     name = Path(qa_file).name.split(".")[0]
@@ -419,7 +420,7 @@ def evaluate_run(run_dir: str | Path, qa_file: str | Path) -> dict:
     write_predictions(rows, run_dir / "eval" / f"{name}.predictions.jsonl")
     result = {"qa_file": str(qa_file), "k": cfg.qa.k, **metrics}
     if (run_dir / "closed_book").exists():
-        reader = Reader(cfg.model, vocab)
+        reader = Reader(cfg.model, vocab).to(device)
         reader.load_state_dict(load_checkpoint(run_dir / "closed_book")["model"])
         cb_rows, cb = evaluate_closed_book(reader, ctx, examples)
         write_predictions(cb_rows, run_dir / "eval" / f"{name}.closed_book.predictions.jsonl")
