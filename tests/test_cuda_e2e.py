@@ -3,7 +3,8 @@
 Written on a CPU-only machine: these tests have never run here. On a GPU machine they check that a tiny pretraining
 runs with the model, batches and index on the GPU and resumes from its GPU checkpoint on the CPU; that one DeepSpeed
 trainer (nccl, world size 1) runs on the GPU although DS_ACCELERATOR=cpu is in the environment; that the MPI
-refresher re-encodes on the GPU; and that a fine-tune runs on the GPU. With TRITON_INTERPRET=1 (tests/conftest.py's
+refresher re-encodes on the GPU; that two trainers run over nccl with a sharded index (2 GPUs); and that a fine-tune
+runs on the GPU. With TRITON_INTERPRET=1 (tests/conftest.py's
 default) the kernels run the torch reference on the GPU tensors; `TRITON_INTERPRET=0 pytest -m gpu
 tests/test_cuda_e2e.py` runs the compiled Triton kernels.
 """
@@ -106,6 +107,22 @@ def test_mpi_refresher_on_cuda(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     summary = json.loads((out / "summary.json").read_text())
     assert summary["refresh_mode"] == "mpi" and summary["index_versions"] >= 2, summary
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 GPUs (two trainers over nccl)")
+def test_two_trainers_over_nccl_with_a_sharded_index(tmp_path):
+    """torchrun, 2 trainers on 2 GPUs: nccl collectives, the DeepSpeed engine, the sharded index's all-gathers."""
+    bin_dir = Path(sys.executable).parent
+    out = tmp_path / "two"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    env.pop("TRITON_INTERPRET", None)
+    proc = subprocess.run([str(bin_dir / "torchrun"), "--nproc-per-node", "2", "-m", "realm_hpc", *PRETRAIN,
+                           "--out", str(out), "--set", "train.device=cuda", "--set", "index.sharded=true"],
+                          env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["trainers"] == 2 and summary["index_sharded"] is True and summary["steps"] == 8
+    assert np.all(np.isfinite(_losses(out)))
 
 
 def test_finetune_on_cuda(gpu_run, tmp_path):
