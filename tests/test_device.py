@@ -19,9 +19,15 @@ def cuda(monkeypatch):
         monkeypatch.setattr(torch.cuda, "set_device", lambda d: chosen.append(torch.device(d)))
         return chosen
 
-    for var in ("LOCAL_RANK", "LOCAL_WORLD_SIZE"):
-        monkeypatch.delenv(var, raising=False)
+    _unset(monkeypatch, "LOCAL_RANK", "LOCAL_WORLD_SIZE")
     return fake
+
+
+def _unset(monkeypatch, *names):
+    """Unset for the test and restored after it, also when the code under test sets them (init_trainer_group)."""
+    for var in names:
+        monkeypatch.setenv(var, "")
+        monkeypatch.delenv(var)
 
 
 def test_auto_without_cuda_is_cpu(cuda):
@@ -93,8 +99,7 @@ def test_init_trainer_group_picks_the_backend_from_the_device(cuda, monkeypatch)
     calls = []
     monkeypatch.setattr(dist, "is_initialized", lambda: False)
     monkeypatch.setattr(dist, "init_process_group", lambda **kw: calls.append(kw))
-    for var in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
-        monkeypatch.delenv(var, raising=False)
+    _unset(monkeypatch, "RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
     group = init_trainer_group(None, force=True, device="auto")
     assert calls[-1]["backend"] == "nccl" and group.device == "cuda:0" and group.comm_device == "cuda:0"
     group = init_trainer_group(None, force=True, device="cpu")
@@ -116,8 +121,8 @@ def test_device_keys_are_validated():
 
 
 def test_node_local_rank_reads_the_launcher(monkeypatch):
-    for var in ("MPI_LOCALRANKID", "OMPI_COMM_WORLD_LOCAL_RANK", "PMI_LOCAL_RANK", "SLURM_LOCALID", "LOCAL_RANK"):
-        monkeypatch.delenv(var, raising=False)
+    _unset(monkeypatch, "MPI_LOCALRANKID", "OMPI_COMM_WORLD_LOCAL_RANK", "PMI_LOCAL_RANK", "SLURM_LOCALID",
+           "LOCAL_RANK")
     assert node_local_rank() == 0
     monkeypatch.setenv("SLURM_LOCALID", "3")
     assert node_local_rank() == 3
