@@ -224,6 +224,7 @@ class Finetuner:
         pre_model.to(self.device)  # its doc encoder builds the index, its reader is the closed-book baseline
         ctx = self.ctx = self._context(pre_model, vocab_size)
         model = QAModel(cfg, vocab_size).to(self.device)  # initialised on the CPU: the same weights on any device
+        print0(f"fine-tuning on {self.device} ({self.group.size} trainer(s), train.device={cfg.train.device})")
         model.query.load_state_dict(pre_model.retriever.query.state_dict())
         model.reader.bert.load_state_dict(pre_model.reader.mlm.bert.state_dict())
         summary = {"recipe": cfg.recipe, "pretrained": cfg.qa.pretrained, "retriever_init": cfg.qa.retriever_init,

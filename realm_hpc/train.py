@@ -84,6 +84,7 @@ class Pretrainer:
         torch.manual_seed(cfg.train.seed)
         data = self.data = self._data()
         model = self.model = Realm(cfg, data.vocab_size).to(self.device)  # initialised on the CPU: same weights
+        print0(f"training on {self.device} ({self.group.size} trainer(s), train.device={cfg.train.device})")
         state = RunState()
         ckpt = None
         if self.resume and (self.run_dir / "checkpoint").exists():
