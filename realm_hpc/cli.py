@@ -155,8 +155,8 @@ def _trainer_group(cfg: Config):
     if launched_by_mpi():
         from mpi4py import MPI
 
-        return init_trainer_group(MPI.COMM_WORLD, force=bool(cfg.train.deepspeed))
-    return init_trainer_group(None, force=bool(cfg.train.deepspeed))
+        return init_trainer_group(MPI.COMM_WORLD, force=bool(cfg.train.deepspeed), device=cfg.train.device)
+    return init_trainer_group(None, force=bool(cfg.train.deepspeed), device=cfg.train.device)
 
 
 def _write_run_config(run_dir: Path, cfg: Config, group) -> None:
@@ -197,7 +197,7 @@ def cmd_pretrain(args) -> None:
             torch.set_num_threads(1)  # the trainers keep the cores; a refresher is busy only between swaps
             _serve_refresher(comm, roles.refresher_index, roles.n_refreshers)
             return
-        group = init_trainer_group(sub, force=bool(cfg.train.deepspeed))
+        group = init_trainer_group(sub, force=bool(cfg.train.deepspeed), device=cfg.train.device)
         from realm_hpc.retrieval.refresh import MPIRefresher, RefresherSpawner, TrainerBroadcastRefresher
 
         spawner = RefresherSpawner(sub, roles.n_refreshers) if cfg.refresh.respawn else None
@@ -261,9 +261,13 @@ def _serve_refresher(comm, shard_index: int, n_shards: int) -> None:
         from realm_hpc.data.tokenizer import load_tokenizer
         from realm_hpc.models.encoders import Encoder
 
+        from realm_hpc.device import node_local_rank, refresher_device
+
         cfg = load_config(str(Path(run_dir) / "config.json"))
         tokenizer = load_tokenizer(cfg.model.pretrained or Path(run_dir) / "data" / "tokenizer")
-        encoder = Encoder(cfg.model, len(tokenizer), cfg.model.block_len)
+        # The weights arrive as CPU floats (load_flat_params copies them in); embeddings go back as CPU numpy.
+        device = refresher_device(cfg.refresh.device, node_local_rank())
+        encoder = Encoder(cfg.model, len(tokenizer), cfg.model.block_len).to(device)
         return encoder, BlockStore.open(Path(run_dir) / "data" / "blocks"), cfg.refresh.batch_size
 
     stop = serve_refresher(comm, trainer=0, shard_index=shard_index, n_shards=n_shards, make_encoder=make_encoder)
@@ -348,7 +352,10 @@ def cmd_evaluate(args) -> None:
     from realm_hpc.evaluate import mlm_accuracy, recall_at_k
     from realm_hpc.train import fresh_index
 
+    from realm_hpc.device import trainer_device
+
     cfg, data, model = _load_run(args.run)
+    model.to(trainer_device(cfg.train.device))  # where the run evaluated itself: the numbers of its summary
     k = cfg.retrieval.k
     index = fresh_index(model, data, cfg, 0, 0)
     result = {f"recall_at_{k}": recall_at_k(model, data, index, k),

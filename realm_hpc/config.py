@@ -17,6 +17,9 @@ class ConfigError(ValueError):
     pass
 
 
+DEVICES = ("auto", "cpu", "cuda")  # train.device, refresh.device
+
+
 @dataclass(kw_only=True)
 class ModelConfig:
     pretrained: str = ""  # a local HF BERT directory; empty = small BERTs from scratch with the sizes below
@@ -64,6 +67,9 @@ class RefreshConfig:
     max_staleness: int = 200  # warn when the live index was built from weights older than this many steps
     timeout_s: float = 300.0  # mpi: a refresh in flight this long means the refreshers died; train on without them
     respawn: bool = True  # mpi: replace lost refreshers (MPI_Comm_spawn) where the launcher allows it
+    # auto | cpu | cuda: where a refresher rank re-encodes (auto: a GPU of its node when there is one, shared
+    # round-robin by node-local rank with whatever else runs there; realm_hpc.device.refresher_device)
+    device: str = "auto"
 
 
 @dataclass(kw_only=True)
@@ -120,6 +126,9 @@ class TrainConfig:
     checkpoint_every: int = 100
     grad_accum: int = 1  # micro batches per step: global batch = micro batch x trainers x grad_accum
     deepspeed: str = ""  # a DeepSpeed JSON (configs/ds_zero2.json); several trainers use ZeRO-2 defaults without one
+    # auto | cpu | cuda: where a trainer (pretraining and fine-tuning) keeps its model and batches. auto = this
+    # trainer's own GPU when CUDA is there and the node has a GPU per trainer, else the CPU (realm_hpc/device.py)
+    device: str = "auto"
 
 
 @dataclass(kw_only=True)
@@ -178,6 +187,8 @@ class Config:
             (self.retrieval.k >= 1, "retrieval.k must be >= 1"),
             (self.model.pooling in ("cls", "mean"), "model.pooling must be 'cls' or 'mean'"),
             (self.refresh.every >= 1, "refresh.every must be >= 1"),
+            (self.train.device in DEVICES, "train.device must be 'auto', 'cpu' or 'cuda'"),
+            (self.refresh.device in DEVICES, "refresh.device must be 'auto', 'cpu' or 'cuda'"),
             (self.train.batch_size >= 1, "train.batch_size must be >= 1"),
             (self.train.grad_accum >= 1, "train.grad_accum must be >= 1"),
             (0.0 <= self.model.dropout < 1.0, "model.dropout must be in [0, 1)"),

@@ -62,13 +62,21 @@ def print0(*args, **kwargs) -> None:
 # -- the trainers' torch.distributed group ---------------------------------------------------------------------------
 @dataclass(frozen=True)
 class TrainerGroup:
-    """The trainers among themselves: rank/size in torch.distributed (size 1 = a lone trainer, no process group)."""
+    """The trainers among themselves: rank/size in torch.distributed (size 1 = a lone trainer, no process group),
+    and this trainer's device ("" = not chosen: the trainer resolves train.device itself), where the collectives put
+    their tensors (nccl takes CUDA tensors only)."""
     rank: int = 0
     size: int = 1
+    device: str = ""
 
     @property
     def distributed(self) -> bool:
         return self.size > 1
+
+    @property
+    def comm_device(self) -> str:
+        """Where this group's collective tensors live: the trainer's GPU under nccl, else the CPU."""
+        return self.device if self.device.startswith("cuda") else "cpu"
 
 
 def _free_port() -> int:
@@ -84,17 +92,21 @@ def trainer_comm(comm, roles: Roles):
     return comm.Split(0 if roles.is_trainer else 1, roles.world_rank)
 
 
-def init_trainer_group(sub_comm=None, backend: str | None = None, force: bool = False) -> TrainerGroup:
-    """Join the trainers' torch.distributed group.
+def init_trainer_group(sub_comm=None, backend: str | None = None, force: bool = False,
+                       device: str = "cpu") -> TrainerGroup:
+    """Join the trainers' torch.distributed group, on this trainer's device.
 
     Under MPI, `sub_comm` (the trainers' communicator) supplies rank and size and carries the rendezvous: its rank
     0 picks a free port and broadcasts MASTER_ADDR/PORT. Under torchrun the environment already has them. A lone
-    trainer makes no process group unless `force` (DeepSpeed needs one even at world size 1).
+    trainer makes no process group unless `force` (DeepSpeed needs one even at world size 1). `device` is
+    train.device (auto | cpu | cuda), resolved once LOCAL_RANK is known; the backend is nccl on a GPU, else gloo.
     """
     import torch.distributed as dist
 
+    from realm_hpc.device import backend_for, trainer_device
+
     if dist.is_initialized():
-        return TrainerGroup(dist.get_rank(), dist.get_world_size())
+        return TrainerGroup(dist.get_rank(), dist.get_world_size(), str(trainer_device(device)))
     if sub_comm is not None:
         rank, size = sub_comm.Get_rank(), sub_comm.Get_size()
         addr_port = None
@@ -105,22 +117,21 @@ def init_trainer_group(sub_comm=None, backend: str | None = None, force: bool = 
         from mpi4py import MPI
 
         node = sub_comm.Split_type(MPI.COMM_TYPE_SHARED, key=rank)  # LOCAL_RANK = rank among this node's trainers
-        local_rank = node.Get_rank()
+        local_rank, local_size = node.Get_rank(), node.Get_size()
         node.Free()
-        os.environ.update(RANK=str(rank), WORLD_SIZE=str(size), LOCAL_RANK=str(local_rank))
+        os.environ.update(RANK=str(rank), WORLD_SIZE=str(size), LOCAL_RANK=str(local_rank),
+                          LOCAL_WORLD_SIZE=str(local_size))
     else:
         rank, size = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
         if size == 1 and force:
             os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
             os.environ.setdefault("MASTER_PORT", str(_free_port()))
             os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
+    resolved = str(trainer_device(device))
     if size == 1 and not force:
-        return TrainerGroup()
-    # The training loop keeps its tensors on the CPU today, so the collectives are gloo's even on a GPU node; nccl
-    # (CUDA tensors only) becomes the default once the model moves to the GPU.
-    backend = backend or "gloo"
-    dist.init_process_group(backend=backend, rank=rank, world_size=size)
-    return TrainerGroup(rank, size)
+        return TrainerGroup(device=resolved)
+    dist.init_process_group(backend=backend or backend_for(resolved), rank=rank, world_size=size)
+    return TrainerGroup(rank, size, resolved)
 
 
 def _host_addr() -> str:
@@ -139,7 +150,7 @@ def sum_over_trainers(value: float, group: TrainerGroup) -> float:
     import torch
     import torch.distributed as dist
 
-    t = torch.tensor([value], dtype=torch.float64)
+    t = torch.tensor([value], dtype=torch.float64, device=group.comm_device)
     dist.all_reduce(t)
     return float(t.item())
 
@@ -154,13 +165,14 @@ def max_over_trainers(value: int, group: TrainerGroup) -> int:
     import torch
     import torch.distributed as dist
 
-    t = torch.tensor([value], dtype=torch.int64)
+    t = torch.tensor([value], dtype=torch.int64, device=group.comm_device)
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
     return int(t.item())
 
 
 def gather_over_trainers(obj, group: TrainerGroup) -> list:
-    """Every trainer's `obj`, in trainer order (picklable objects)."""
+    """Every trainer's `obj`, in trainer order (picklable objects; nccl moves them through the current device,
+    which `trainer_device` set)."""
     if not group.distributed:
         return [obj]
     import torch.distributed as dist
@@ -172,6 +184,10 @@ def gather_over_trainers(obj, group: TrainerGroup) -> list:
 
 def barrier(group: TrainerGroup) -> None:
     if group.distributed:
+        import torch
         import torch.distributed as dist
 
-        dist.barrier()
+        if group.comm_device.startswith("cuda"):  # nccl: name the GPU, or it guesses one from the rank
+            dist.barrier(device_ids=[torch.device(group.comm_device).index])
+        else:
+            dist.barrier()

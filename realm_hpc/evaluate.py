@@ -16,6 +16,7 @@ def recall_at_k(model: Realm, data: PretrainData, index: LiveIndex, k: int, batc
     model.eval()
     hits, total = 0, 0
     for examples, batch in data.eval_batches(batch_size):
+        batch = batch.to(model.device)
         q = model.retriever.query(batch.query_ids, batch.query_mask)
         _, ids = index.search(q, k, batch.source)
         for e, row in zip(examples, ids.tolist()):
@@ -33,6 +34,7 @@ def mlm_accuracy(model: Realm, data: PretrainData, index: LiveIndex | None, k: i
     model.eval()
     correct, total = 0.0, 0.0
     for _, batch in data.eval_batches(batch_size):
+        batch = batch.to(model.device)
         out = model(batch, data, index, k, train_retriever=False)
         pred = model.predict_tokens(out)
         correct += float(((pred == batch.targets).float() * batch.target_mask).sum())

@@ -36,6 +36,7 @@ from realm_hpc.data.corpus import atomic_file, read_corpus
 from realm_hpc.data.qa import QAExample, exact_match, normalize_answer, read_qa, world_questions, write_qa_jsonl
 from realm_hpc.data.qa_inputs import QAInputs
 from realm_hpc.data.tokenizer import load_tokenizer
+from realm_hpc.device import trainer_device
 from realm_hpc.dist import TrainerGroup, barrier, mean_over_trainers, print0, sum_over_trainers
 from realm_hpc.metrics import MetricsLogger
 from realm_hpc.models.encoders import Encoder, Retriever
@@ -54,6 +55,10 @@ class QAModel(nn.Module):
         self.reader = SpanReader(m, vocab_size)
 
     @property
+    def device(self) -> torch.device:
+        return next(self.parameters()).device
+
+    @property
     def retriever(self) -> Encoder:
         """The trained retriever side (the doc encoder stays outside, fixed): the optimizer's retriever group."""
         return self.query
@@ -67,13 +72,14 @@ class QAModel(nn.Module):
 
     def retrieve(self, enc: dict, index: torch.Tensor, k: int):
         """Top-k block ids from the fixed index, and their scores f(q)·g(z) with gradients to f."""
-        q = self.query(enc["input_ids"], enc["attention_mask"])
+        device = self.device
+        q = self.query(enc["input_ids"].to(device), enc["attention_mask"].to(device))
         _, ids = kernels.ip_topk(q.detach(), index, k)
         return torch.einsum("bp,bkp->bk", q, index[ids].to(q.dtype)), ids
 
     def read(self, inputs: QAInputs, q_tokens, ids: torch.Tensor, answers: list[set[str]]):
         """Span log-probs [B, K, S] per block, the reader batch (for matches and decoding)."""
-        rb = inputs.reader_batch(q_tokens, ids, answers)
+        rb = inputs.reader_batch(q_tokens, ids, answers).to(self.device)
         scores = self.reader(rb.input_ids, rb.attention_mask, rb.token_type_ids, rb.starts, rb.ends, rb.valid)
         B, K = ids.shape
         return span_log_softmax(scores, rb.valid).view(B, K, -1), rb
@@ -149,7 +155,8 @@ def evaluate_closed_book(reader: Reader, ctx: QAContext, examples: list[QAExampl
     for start in range(0, len(examples), batch_size):
         chunk = examples[start:start + batch_size]
         q_tokens = ctx.inputs.question_tokens(ctx.inputs.questions([e.question for e in chunk]))
-        inp = ctx.inputs.closed_book_batch(q_tokens)
+        device = next(reader.parameters()).device
+        inp = {name: t.to(device) for name, t in ctx.inputs.closed_book_batch(q_tokens).items()}
         logp = reader.token_logprobs(inp["input_ids"], inp["attention_mask"], inp["token_type_ids"],
                                      inp["positions"], inp["doc_mask"])
         for e, predicted in zip(chunk, logp.argmax(-1).tolist()):
@@ -195,6 +202,8 @@ class Finetuner:
 
     def __init__(self, cfg: Config, out: str | Path, resume: bool = False, group: TrainerGroup = TrainerGroup()):
         self.cfg, self.out, self.resume, self.group = cfg, Path(out), resume, group
+        # The group's device when the CLI made the group (it chose it with LOCAL_RANK known), else train.device here.
+        self.device = torch.device(group.device) if group.device else trainer_device(cfg.train.device)
         if not cfg.qa.pretrained:
             raise ConfigError("qa.pretrained: the pretraining run to start from is not set (--pretrained RUN_DIR)")
         if not (Path(cfg.qa.pretrained) / "checkpoint").exists():
@@ -212,8 +221,10 @@ class Finetuner:
         splits = self._questions()  # first: a malformed QA file stops the run before any encoding
         torch.manual_seed(cfg.qa.seed)
         pre_model, vocab_size = self._pretrained_model()
+        pre_model.to(self.device)  # its doc encoder builds the index, its reader is the closed-book baseline
         ctx = self.ctx = self._context(pre_model, vocab_size)
-        model = QAModel(cfg, vocab_size)
+        model = QAModel(cfg, vocab_size).to(self.device)  # initialised on the CPU: the same weights on any device
+        print0(f"fine-tuning on {self.device} ({self.group.size} trainer(s), train.device={cfg.train.device})")
         model.query.load_state_dict(pre_model.retriever.query.state_dict())
         model.reader.bert.load_state_dict(pre_model.reader.mlm.bert.state_dict())
         summary = {"recipe": cfg.recipe, "pretrained": cfg.qa.pretrained, "retriever_init": cfg.qa.retriever_init,
@@ -261,7 +272,7 @@ class Finetuner:
         barrier(self.group)
         cfg = self.cfg
         tokenizer, blocks = _retrieval_data(cfg, self.out)
-        emb = SavedIndex.open(self.out / "index").embeddings().float()
+        emb = SavedIndex.open(self.out / "index").embeddings().float().to(self.device)
         inputs = QAInputs(tokenizer, blocks, cfg.model.reader_len, cfg.model.query_len, cfg.qa.max_span_len)
         return QAContext(cfg, inputs, emb, vocab_size)
 
@@ -371,7 +382,8 @@ class Finetuner:
         for step in tqdm(range(qa.steps), desc="closed-book", leave=False):
             chunk = [train[i] for i in _batch_indices(len(train), step, qa.batch_size, qa.seed)]
             q_tokens = ctx.inputs.question_tokens(ctx.inputs.questions([e.question for e in chunk]))
-            inp = ctx.inputs.closed_book_batch(q_tokens, [e.answers[0] for e in chunk])
+            inp = {name: t.to(self.device)
+                   for name, t in ctx.inputs.closed_book_batch(q_tokens, [e.answers[0] for e in chunk]).items()}
             logp = reader.target_logprob(inp["input_ids"], inp["attention_mask"], inp["token_type_ids"],
                                          inp["positions"], inp["targets"], inp["target_mask"], inp["doc_mask"])
             loss = -logp.mean()
@@ -398,9 +410,10 @@ def evaluate_run(run_dir: str | Path, qa_file: str | Path) -> dict:
     vocab = len(tokenizer)
     m = cfg.model
     inputs = QAInputs(tokenizer, blocks, m.reader_len, m.query_len, cfg.qa.max_span_len)
-    emb = SavedIndex.open(run_dir / "index").embeddings().float()
+    device = trainer_device(cfg.train.device)  # where the fine-tune evaluated itself: the numbers of its summary
+    emb = SavedIndex.open(run_dir / "index").embeddings().float().to(device)
     ctx = QAContext(cfg, inputs, emb, vocab)
-    model = QAModel(cfg, vocab)
+    model = QAModel(cfg, vocab).to(device)
     model.load_state_dict(load_checkpoint(run_dir / "checkpoint")["model"])
     examples = read_qa(qa_file)
     name = Path(qa_file).name.split(".")[0]
@@ -408,7 +421,7 @@ def evaluate_run(run_dir: str | Path, qa_file: str | Path) -> dict:
     write_predictions(rows, run_dir / "eval" / f"{name}.predictions.jsonl")
     result = {"qa_file": str(qa_file), "k": cfg.qa.k, **metrics}
     if (run_dir / "closed_book").exists():
-        reader = Reader(cfg.model, vocab)
+        reader = Reader(cfg.model, vocab).to(device)
         reader.load_state_dict(load_checkpoint(run_dir / "closed_book")["model"])
         cb_rows, cb = evaluate_closed_book(reader, ctx, examples)
         write_predictions(cb_rows, run_dir / "eval" / f"{name}.closed_book.predictions.jsonl")

@@ -12,9 +12,12 @@ pretraining plan.
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import sys
 from dataclasses import dataclass
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 
@@ -169,6 +172,24 @@ class LocalStepper:
         pass
 
 
+def use_deepspeed_accelerator(device: torch.device) -> None:
+    """DeepSpeed's accelerator follows the trainer's device, not the environment: DS_ACCELERATOR=cpu (the Makefile's,
+    for CPU runs) would move a GPU trainer's engine to the CPU, and DeepSpeed's own detection would move a
+    train.device=cpu trainer to the GPU of a GPU node. Set before DeepSpeed is first imported where possible."""
+    name = "cuda" if device.type == "cuda" else "cpu"
+    if "deepspeed" not in sys.modules:
+        os.environ["DS_ACCELERATOR"] = name
+        return
+    from deepspeed.accelerator import get_accelerator, set_accelerator
+
+    if get_accelerator().device_name() != name:
+        if name == "cuda":
+            from deepspeed.accelerator.cuda_accelerator import CUDA_Accelerator as Accelerator
+        else:
+            from deepspeed.accelerator.cpu_accelerator import CPU_Accelerator as Accelerator
+        set_accelerator(Accelerator())
+
+
 class DeepSpeedStepper:
     """The trainers' DeepSpeed engine over the whole trained module (Realm: reader, query and doc encoder; QAModel:
     span reader and query encoder).
@@ -179,12 +200,16 @@ class DeepSpeedStepper:
     """
 
     def __init__(self, model, cfg: Config | StepPlan, retriever_lr: float, n_trainers: int):
+        device = next(model.parameters()).device
+        use_deepspeed_accelerator(device)
         import deepspeed
 
         plan = step_plan(cfg)
         ds = deepspeed_config(plan, n_trainers)
+        # On a GPU the engine's device is the trainer's (device_rank); on the CPU DeepSpeed's default (LOCAL_RANK).
+        args = SimpleNamespace(device_rank=device.index) if device.type == "cuda" else None
         self.engine, self.opt, _, self.sched = deepspeed.initialize(
-            model=model, model_parameters=param_groups(model, plan, retriever_lr), config=ds,
+            args=args, model=model, model_parameters=param_groups(model, plan, retriever_lr), config=ds,
             lr_scheduler=lambda opt: warmup_schedule(opt, plan))
         self.module = self.engine
 

@@ -19,6 +19,7 @@ from realm_hpc import preempt
 from realm_hpc.checkpoint import atomic_write_json, load_checkpoint, save_trainer_checkpoint, set_trainer_rng_state
 from realm_hpc.config import Config
 from realm_hpc.data.examples import Batch, PretrainData
+from realm_hpc.device import trainer_device
 from realm_hpc.dist import TrainerGroup, barrier, mean_over_trainers, print0
 from realm_hpc.evaluate import mlm_accuracy, recall_at_k
 from realm_hpc.metrics import MetricsLogger, plot_curves
@@ -71,6 +72,8 @@ class Pretrainer:
         self.cfg, self.run_dir, self.resume = cfg, Path(run_dir), resume
         self.refresher_factory = refresher_factory  # (data) -> refresher; None = inline
         self.group = group
+        # The group's device when the CLI made the group (it chose it with LOCAL_RANK known), else train.device here.
+        self.device = torch.device(group.device) if group.device else trainer_device(cfg.train.device)
         self.t0 = time.perf_counter()
         self.untrained_index: LiveIndex | None = None  # set by ict() when ICT is off (see realm())
 
@@ -80,11 +83,12 @@ class Pretrainer:
         self.run_dir.mkdir(parents=True, exist_ok=True)
         torch.manual_seed(cfg.train.seed)
         data = self.data = self._data()
-        model = self.model = Realm(cfg, data.vocab_size)
+        model = self.model = Realm(cfg, data.vocab_size).to(self.device)  # initialised on the CPU: same weights
+        print0(f"training on {self.device} ({self.group.size} trainer(s), train.device={cfg.train.device})")
         state = RunState()
         ckpt = None
         if self.resume and (self.run_dir / "checkpoint").exists():
-            ckpt = load_checkpoint(self.run_dir / "checkpoint")
+            ckpt = load_checkpoint(self.run_dir / "checkpoint")  # CPU tensors, whatever device wrote them
             model.load_state_dict(ckpt["model"])
             state = RunState(**ckpt["run_state"])
             print0(f"resuming at step {state.step} (ict done: {state.ict_done})")
@@ -134,10 +138,11 @@ class Pretrainer:
             if signum:  # ICT keeps no optimizer state in checkpoints: a resume restarts it
                 raise preempt.Preempted(signum, state.ict_steps, checkpointed=False)
             queries, blocks = data.ict_batch(step, cfg.ict.batch_size, cfg.train.seed, cfg.ict.keep_sentence_prob)
-            q = model.retriever.query(queries["input_ids"], queries["attention_mask"])
-            g = model.retriever.doc(blocks["input_ids"], blocks["attention_mask"])
+            dev = self.device
+            q = model.retriever.query(queries["input_ids"].to(dev), queries["attention_mask"].to(dev))
+            g = model.retriever.doc(blocks["input_ids"].to(dev), blocks["attention_mask"].to(dev))
             logits = q @ g.T
-            loss = F.cross_entropy(logits, torch.arange(len(q)))
+            loss = F.cross_entropy(logits, torch.arange(len(q), device=dev))
             opt.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.retriever.parameters(), cfg.optim.grad_clip)
@@ -168,7 +173,8 @@ class Pretrainer:
         if ckpt is not None and ckpt.get("index") is not None:
             stepper.load(ckpt, self.run_dir)
             idx = ckpt["index"]
-            live = index_from_full(idx["embeddings"], idx["version"], idx["weights_step"], group, cfg.index.sharded)
+            live = index_from_full(idx["embeddings"], idx["version"], idx["weights_step"], group, cfg.index.sharded,
+                                   self.device)
             set_trainer_rng_state(ckpt, group)
         else:
             if self.untrained_index is not None and state.step == 0:
@@ -212,7 +218,7 @@ class Pretrainer:
                     row.update(stale_warning=1)
                 warm = step < cfg.train.reader_warmup_steps
                 train_retriever = step >= cfg.train.reader_warmup_steps + cfg.train.retriever_freeze_steps
-                full_batch = data.train_batch(step, cfg.train.batch_size, cfg.train.seed)
+                full_batch = data.train_batch(step, cfg.train.batch_size, cfg.train.seed).to(self.device)
                 losses = []
                 for m in range(accum):
                     first = (m * group.size + group.rank) * micro  # the data of a step never depends on T
@@ -308,10 +314,10 @@ class Pretrainer:
         cfg = self.cfg
         cb_cfg = replace(cfg, retrieval=replace(cfg.retrieval, enabled=False))
         torch.manual_seed(cfg.train.seed)
-        model = Realm(cb_cfg, self.data.vocab_size)
+        model = Realm(cb_cfg, self.data.vocab_size).to(self.device)
         opt, sched = build_optimizer(model, cb_cfg, 0.0)
         for step in tqdm(range(cfg.train.steps), desc="closed-book", leave=False):
-            batch = self.data.train_batch(step, cfg.train.batch_size, cfg.train.seed)
+            batch = self.data.train_batch(step, cfg.train.batch_size, cfg.train.seed).to(self.device)
             loss = -model(batch, self.data, None, 0, train_retriever=False).log_marginal.mean()
             opt.zero_grad(set_to_none=True)
             loss.backward()

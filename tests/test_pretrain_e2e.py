@@ -92,6 +92,20 @@ def test_metrics_rows(run, summary):
     assert any(r.get("phase") == "ict" and "recall_at_k" in r for r in rows)
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="train.device=auto is a GPU here: tests/test_cuda_e2e.py")
+def test_device_cpu_gives_the_default_losses(run, tmp_path):
+    """Without CUDA, train.device=auto is the CPU: an explicit train.device=cpu run is the same run, bit for bit."""
+    out = tmp_path / "cpu"
+    main(["pretrain", "--recipe", "tiny", "--out", str(out), *ARGS, "--set", "train.device=cpu",
+          "--set", "eval.closed_book_baseline=false"])
+    default, cpu = read_metrics(run), read_metrics(out)
+    losses = [r["loss"] for r in default if "loss" in r]
+    assert losses and [r["loss"] for r in cpu if "loss" in r] == losses
+    assert [r.get("ict_loss") for r in cpu] == [r.get("ict_loss") for r in default]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["recall_at_8"] == json.loads((run / "summary.json").read_text())["recall_at_8"]
+
+
 def test_run_files(run):
     assert (run / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert (run / "checkpoint" / "state.pt").is_file()

@@ -61,6 +61,14 @@ class Batch:
     target_mask: torch.Tensor  # [B, T] 1.0 on real targets
     source: torch.Tensor  # [B] int64 block of origin (excluded from retrieval)
 
+    def to(self, device: torch.device | str) -> "Batch":
+        """The tensors on `device` (x_tokens stay numpy: they only build reader rows); itself when already there."""
+        device = torch.device(device)
+        if self.query_ids.device == device:
+            return self
+        return Batch(self.query_ids.to(device), self.query_mask.to(device), self.x_tokens, self.positions.to(device),
+                     self.targets.to(device), self.target_mask.to(device), self.source.to(device))
+
 
 class PretrainData:
     def __init__(self, cfg: Config, run_dir: Path, build: bool = True):

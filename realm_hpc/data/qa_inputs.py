@@ -35,6 +35,15 @@ class ReaderBatch:
     match: torch.Tensor  # [N, S] bool: the span's normalised text is a normalised gold answer
     span_tokens: list[list[tuple[int, int]]]  # per row: (block start, block end) of each candidate, for decoding
 
+    def to(self, device: torch.device | str) -> "ReaderBatch":
+        """The tensors on `device`; itself when already there."""
+        device = torch.device(device)
+        if self.input_ids.device == device:
+            return self
+        return ReaderBatch(*(t.to(device) for t in (self.input_ids, self.attention_mask, self.token_type_ids,
+                                                    self.starts, self.ends, self.valid, self.match)),
+                           self.span_tokens)
+
 
 class QAInputs:
     def __init__(self, tokenizer, blocks, reader_len: int, query_len: int, max_span_len: int):

@@ -36,9 +36,14 @@ class Realm(nn.Module):
         self.retriever = Retriever(cfg.model, vocab_size)
         self.reader = Reader(cfg.model, vocab_size)
 
+    @property
+    def device(self) -> torch.device:
+        """Where the model's weights are: batches, reader rows and the null document are moved here."""
+        return next(self.parameters()).device
+
     def null_doc_score(self, q: torch.Tensor, data: PretrainData) -> torch.Tensor:
         # The null document is an empty block: [CLS] [SEP]. Encoding it each step keeps its score learnable.
-        ids = torch.tensor([[data.cls_id, data.sep_id]])
+        ids = torch.tensor([[data.cls_id, data.sep_id]], device=q.device)
         return q @ self.retriever.doc(ids, torch.ones_like(ids)).squeeze(0)
 
     def forward(self, batch: Batch, data: PretrainData, index: LiveIndex | None, k: int,
@@ -47,6 +52,8 @@ class Realm(nn.Module):
         """exclude_source: None = the config's trivial-retrieval exclusion (always on outside the reader warm-up).
         docs: [B, k'] block ids to read instead of searching the index (the warm-up on the source block); their
         relevance scores come from the current encoders."""
+        device = self.device
+        batch = batch.to(device)
         B = batch.query_ids.size(0)
         use_retrieval = self.cfg.retrieval.enabled and index is not None and k > 0
         with torch.set_grad_enabled(train_retriever and torch.is_grad_enabled()):
@@ -56,20 +63,21 @@ class Realm(nn.Module):
                 if exclude_source is None:
                     exclude_source = self.cfg.retrieval.exclude_source
                 exclude = batch.source if exclude_source else None
-                stale_scores, ids = index.search(q, k, exclude) if docs is None else (None, docs)
+                stale_scores, ids = index.search(q, k, exclude) if docs is None else (None, docs.to(device))
                 if train_retriever or stale_scores is None:
                     blocks = data.blocks.batch(ids.flatten().tolist())
-                    g = self.retriever.doc(blocks["input_ids"], blocks["attention_mask"]).view(B, ids.size(1), -1)
+                    g = self.retriever.doc(blocks["input_ids"].to(device),
+                                           blocks["attention_mask"].to(device)).view(B, ids.size(1), -1)
                     parts_scores.append(torch.einsum("bp,bkp->bk", q, g))
                 else:
                     parts_scores.append(stale_scores.to(q.dtype))
                 parts_ids.append(ids)
             if self.cfg.retrieval.null_doc or not use_retrieval:
                 parts_scores.append(self.null_doc_score(q, data).unsqueeze(1))
-                parts_ids.append(torch.full((B, 1), -1, dtype=torch.long))
+                parts_ids.append(torch.full((B, 1), -1, dtype=torch.long, device=device))
             scores = torch.cat(parts_scores, dim=1)
             doc_ids = torch.cat(parts_ids, dim=1)
-        inputs = data.reader_inputs(batch, doc_ids)
+        inputs = {name: t.to(device) for name, t in data.reader_inputs(batch, doc_ids).items()}
         logp = self.reader.target_logprob(inputs["input_ids"], inputs["attention_mask"], inputs["token_type_ids"],
                                           inputs["positions"], inputs["targets"], inputs["target_mask"],
                                           inputs["doc_mask"]).view(B, -1)

@@ -6,7 +6,7 @@ between steps. `weights_step` records which training step's weights built it, so
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from tqdm import tqdm
@@ -22,10 +22,19 @@ class IndexSnapshot:
 
 
 class LiveIndex:
-    """The index the trainer searches. `swap` replaces it whole; a search never sees a half-built index."""
+    """The index the trainer searches. `swap` replaces it whole; a search never sees a half-built index.
 
-    def __init__(self, snapshot: IndexSnapshot):
-        self.snapshot = snapshot
+    The embeddings live on the trainer's device (a GPU index is searched by the Triton kernel); a snapshot that
+    arrives elsewhere (a refresher's CPU array) is moved there by `swap`. device None: the first snapshot's."""
+
+    def __init__(self, snapshot: IndexSnapshot, device: torch.device | str | None = None):
+        self.device = torch.device(device) if device is not None else snapshot.embeddings.device
+        self.snapshot = self._placed(snapshot)
+
+    def _placed(self, snapshot: IndexSnapshot) -> IndexSnapshot:
+        if snapshot.embeddings.device == self.device:
+            return snapshot
+        return replace(snapshot, embeddings=snapshot.embeddings.to(self.device))
 
     @property
     def version(self) -> int:
@@ -35,11 +44,14 @@ class LiveIndex:
         return step - self.snapshot.weights_step
 
     def swap(self, snapshot: IndexSnapshot) -> None:
-        self.snapshot = snapshot
+        self.snapshot = self._placed(snapshot)
 
     def search(self, queries: torch.Tensor, k: int, exclude: torch.Tensor | None = None):
+        """(scores, ids) on the queries' device; the search itself runs where the embeddings are."""
         emb = self.snapshot.embeddings
-        return kernels.ip_topk(queries.detach().to(emb.dtype), emb, k, exclude)
+        ex = exclude.to(emb.device) if exclude is not None else None
+        scores, ids = kernels.ip_topk(queries.detach().to(emb.device, emb.dtype), emb, k, ex)
+        return scores.to(queries.device), ids.to(queries.device)
 
 
 @torch.no_grad()

@@ -42,7 +42,7 @@ def shard_range(n: int, shards: int, i: int) -> range:
 
 
 def flatten_params(module: torch.nn.Module) -> np.ndarray:
-    return torch.cat([p.detach().float().reshape(-1) for p in module.state_dict().values()]).numpy()
+    return torch.cat([p.detach().float().reshape(-1) for p in module.state_dict().values()]).cpu().numpy()
 
 
 def load_flat_params(module: torch.nn.Module, flat: np.ndarray) -> None:
@@ -293,7 +293,7 @@ def serve_refresher(comm, trainer: int, shard_index: int, n_shards: int, make_en
         _wait(comm.Irecv(flat, source=trainer, tag=TAG_WEIGHTS))
         load_flat_params(encoder, flat)
         t0 = time.perf_counter()
-        emb = np.ascontiguousarray(encode_blocks(encoder, blocks, batch_size, indices=rows).numpy())
+        emb = np.ascontiguousarray(encode_blocks(encoder, blocks, batch_size, indices=rows).cpu().numpy())
         # What this rank encoded, reported back so the trainers can check the shards tile the corpus.
         stats = np.asarray([header[0], time.perf_counter() - t0, rows.start, rows.stop], dtype=np.float64)
         _wait(comm.Isend(stats, dest=trainer, tag=TAG_STATS))
@@ -343,8 +343,9 @@ class TrainerBroadcastRefresher:
         event = RefreshEvent()
         done = self.inner.take() if self.inner is not None else None
         lost = self.inner.check_lost() if self.inner is not None else False
+        device = torch.device(self.group.comm_device)  # nccl: CUDA tensors only
         head = torch.tensor([done is not None, done.version if done else 0, done.weights_step if done else 0, lost],
-                            dtype=torch.long)
+                            dtype=torch.long, device=device)
         dist.broadcast(head, src=0)
         if head[3]:
             self.lost = event.lost = True
@@ -358,7 +359,8 @@ class TrainerBroadcastRefresher:
                     event.respawned = inter.Get_remote_size()
                 self.lost = not event.respawned
         if head[0]:
-            full = done.embeddings if done is not None else torch.empty(self.n_docs, self.dim)
+            full = (done.embeddings.to(device) if done is not None
+                    else torch.empty(self.n_docs, self.dim, device=device))
             dist.broadcast(full, src=0)
             if hasattr(live, "swap_full"):
                 live.swap_full(full, int(head[1]), int(head[2]))

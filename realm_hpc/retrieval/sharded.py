@@ -19,12 +19,15 @@ from realm_hpc.retrieval.refresh import shard_range
 
 
 def _all_gather_rows(x: torch.Tensor, group: TrainerGroup) -> list[torch.Tensor]:
-    """Every trainer's `x` (same trailing shape, any number of rows), in trainer order."""
-    n = torch.tensor([x.shape[0]], dtype=torch.long)
+    """Every trainer's `x` (same trailing shape, any number of rows), in trainer order, on the group's
+    collective device (the trainer's GPU under nccl, the CPU under gloo)."""
+    device = torch.device(group.comm_device)
+    x = x.to(device)
+    n = torch.tensor([x.shape[0]], dtype=torch.long, device=device)
     sizes = [torch.zeros_like(n) for _ in range(group.size)]
     dist.all_gather(sizes, n)
     width = int(max(s.item() for s in sizes))
-    padded = torch.zeros((width, *x.shape[1:]), dtype=x.dtype)
+    padded = torch.zeros((width, *x.shape[1:]), dtype=x.dtype, device=device)
     padded[: x.shape[0]] = x
     out = [torch.empty_like(padded) for _ in range(group.size)]
     dist.all_gather(out, padded.contiguous())
@@ -34,8 +37,9 @@ def _all_gather_rows(x: torch.Tensor, group: TrainerGroup) -> list[torch.Tensor]
 class ShardedIndex(LiveIndex):
     """This trainer's rows [rows.start, rows.stop) of an N-row index; `search` is collective over the trainers."""
 
-    def __init__(self, snapshot: IndexSnapshot, rows: range, n_total: int, group: TrainerGroup):
-        super().__init__(snapshot)
+    def __init__(self, snapshot: IndexSnapshot, rows: range, n_total: int, group: TrainerGroup,
+                 device: torch.device | str | None = None):
+        super().__init__(snapshot, device)
         self.rows, self.n_total, self.group = rows, n_total, group
 
     def swap_full(self, full: torch.Tensor, version: int, weights_step: int) -> None:
@@ -46,8 +50,9 @@ class ShardedIndex(LiveIndex):
         if k + 1 > emb.shape[0]:
             raise ValueError(f"index.sharded: a shard of {emb.shape[0]} rows cannot return k={k} (+1 excluded); "
                              "use fewer trainers or index.sharded=false")
-        q = queries.detach().to(emb.dtype)
-        ex = exclude if exclude is not None else torch.full((q.shape[0],), -1, dtype=torch.long)
+        q = queries.detach().to(emb.device, emb.dtype)
+        ex = exclude.to(emb.device) if exclude is not None else torch.full((q.shape[0],), -1, dtype=torch.long,
+                                                                           device=emb.device)
         all_q = _all_gather_rows(torch.cat([q, ex.to(q.dtype).unsqueeze(1)], dim=1), self.group)
         mine = sum(len(a) for a in all_q[: self.group.rank])
         qs = torch.cat(all_q)
@@ -66,7 +71,8 @@ class ShardedIndex(LiveIndex):
         all_scores, all_ids = all_scores.gather(1, by_id), all_ids.gather(1, by_id)
         by_score = torch.argsort(all_scores, dim=1, descending=True, stable=True)[:, :k]
         top_scores, top_ids = all_scores.gather(1, by_score), all_ids.gather(1, by_score)
-        return top_scores[mine:mine + q.shape[0]], top_ids[mine:mine + q.shape[0]]
+        out = top_scores[mine:mine + q.shape[0]], top_ids[mine:mine + q.shape[0]]
+        return out[0].to(queries.device), out[1].to(queries.device)
 
     def full_embeddings(self) -> torch.Tensor:
         """All N rows (collective), e.g. for a checkpoint."""
@@ -78,11 +84,12 @@ def full_embeddings(index: LiveIndex) -> torch.Tensor:
 
 
 def index_from_full(full: torch.Tensor, version: int, weights_step: int, group: TrainerGroup,
-                    sharded: bool) -> LiveIndex:
+                    sharded: bool, device: torch.device | str | None = None) -> LiveIndex:
+    """The index of all N rows `full` (e.g. a checkpoint's, loaded on the CPU), on `device` (None: full's)."""
     if not (sharded and group.distributed):
-        return LiveIndex(IndexSnapshot(full, version, weights_step))
+        return LiveIndex(IndexSnapshot(full, version, weights_step), device)
     rows = shard_range(full.shape[0], group.size, group.rank)
-    index = ShardedIndex(IndexSnapshot(full[:0], version, weights_step), rows, full.shape[0], group)
+    index = ShardedIndex(IndexSnapshot(full[:0], version, weights_step), rows, full.shape[0], group, device)
     index.swap_full(full, version, weights_step)
     return index
 

@@ -90,7 +90,7 @@ def build_index(model, blocks, tokenizer, cfg: Config, out: str | Path) -> Path:
             backend = build_backend(icfg.backend, x, **_build_params(icfg, n))
             write_faiss(backend, tmp / FAISS_FILE)
             params = {k: v for k, v in backend.params.items() if k != "gpu"}
-        torch.save(model.retriever.query.state_dict(), tmp / "query_encoder.pt")
+        torch.save(model.retriever.query.state_dict(), tmp / "query_encoder.pt")  # `embed` loads it on the CPU
         (tmp / "config.json").write_text(json.dumps(cfg.to_dict()))
         tokenizer.save_pretrained(str(tmp / "tokenizer"))
         meta = {"format": FORMAT, "count": n, "dim": dim, "dtype": icfg.dtype, "storage": STORAGE[icfg.dtype][1],
@@ -191,7 +191,8 @@ class SavedIndex:
         if self._encoder is None:
             self._tokenizer = load_tokenizer(self.path / "tokenizer")
             self._encoder = Encoder(self.cfg.model, len(self._tokenizer), self.cfg.model.query_len)
-            self._encoder.load_state_dict(torch.load(self.path / "query_encoder.pt", weights_only=True))
+            self._encoder.load_state_dict(torch.load(self.path / "query_encoder.pt", weights_only=True,
+                                                      map_location="cpu"))
             self._encoder.eval()
         enc = self._tokenizer(questions, truncation=True, max_length=self.cfg.model.query_len, padding=True,
                               return_tensors="pt")
