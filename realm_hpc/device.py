@@ -84,3 +84,9 @@ def node_local_rank() -> int:
         if os.environ.get(var, "").isdigit():
             return int(os.environ[var])
     return 0
+
+
+def group_device(group, spec: str) -> torch.device:
+    """A trainer's device: its group's when the CLI made the group (chosen with LOCAL_RANK known), else `spec`
+    (train.device) resolved here."""
+    return torch.device(group.device) if group.device else trainer_device(spec)

@@ -36,7 +36,7 @@ from realm_hpc.data.corpus import atomic_file, read_corpus
 from realm_hpc.data.qa import QAExample, exact_match, normalize_answer, read_qa, world_questions, write_qa_jsonl
 from realm_hpc.data.qa_inputs import QAInputs
 from realm_hpc.data.tokenizer import load_tokenizer
-from realm_hpc.device import trainer_device
+from realm_hpc.device import group_device, trainer_device
 from realm_hpc.dist import TrainerGroup, barrier, mean_over_trainers, print0, sum_over_trainers
 from realm_hpc.metrics import MetricsLogger
 from realm_hpc.models.encoders import Encoder, Retriever
@@ -202,8 +202,7 @@ class Finetuner:
 
     def __init__(self, cfg: Config, out: str | Path, resume: bool = False, group: TrainerGroup = TrainerGroup()):
         self.cfg, self.out, self.resume, self.group = cfg, Path(out), resume, group
-        # The group's device when the CLI made the group (it chose it with LOCAL_RANK known), else train.device here.
-        self.device = torch.device(group.device) if group.device else trainer_device(cfg.train.device)
+        self.device = group_device(group, cfg.train.device)
         if not cfg.qa.pretrained:
             raise ConfigError("qa.pretrained: the pretraining run to start from is not set (--pretrained RUN_DIR)")
         if not (Path(cfg.qa.pretrained) / "checkpoint").exists():

@@ -19,7 +19,7 @@ from realm_hpc import preempt
 from realm_hpc.checkpoint import atomic_write_json, load_checkpoint, save_trainer_checkpoint, set_trainer_rng_state
 from realm_hpc.config import Config
 from realm_hpc.data.examples import Batch, PretrainData
-from realm_hpc.device import trainer_device
+from realm_hpc.device import group_device
 from realm_hpc.dist import TrainerGroup, barrier, mean_over_trainers, print0
 from realm_hpc.evaluate import mlm_accuracy, recall_at_k
 from realm_hpc.metrics import MetricsLogger, plot_curves
@@ -72,8 +72,7 @@ class Pretrainer:
         self.cfg, self.run_dir, self.resume = cfg, Path(run_dir), resume
         self.refresher_factory = refresher_factory  # (data) -> refresher; None = inline
         self.group = group
-        # The group's device when the CLI made the group (it chose it with LOCAL_RANK known), else train.device here.
-        self.device = torch.device(group.device) if group.device else trainer_device(cfg.train.device)
+        self.device = group_device(group, cfg.train.device)
         self.t0 = time.perf_counter()
         self.untrained_index: LiveIndex | None = None  # set by ict() when ICT is off (see realm())
 
