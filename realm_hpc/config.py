@@ -31,6 +31,8 @@ class ModelConfig:
     proj_dim: int = 128  # REALM's retrieval embedding size
     pooling: str = "cls"  # cls (REALM) | mean: a small BERT from scratch learns ICT far faster with mean pooling
     normalize: bool = False  # L2-normalise the pooled vector before the projection (sentence-transformers' Normalize)
+    proj_init: str = "random"  # random | pca: the corpus's top proj_dim principal directions (for pretrained encoders)
+    pca_score_scale: float = 20.0  # proj_init=pca: relevance = this x the inner product of the projected vectors
     block_len: int = 288  # [CLS] title [SEP] text [SEP]
     query_len: int = 64
     reader_len: int = 192  # [CLS] x [SEP] z [SEP], z truncated to fit
@@ -186,6 +188,8 @@ class Config:
             (self.refresh.mode in ("inline", "mpi"), "refresh.mode must be 'inline' or 'mpi'"),
             (self.retrieval.k >= 1, "retrieval.k must be >= 1"),
             (self.model.pooling in ("cls", "mean"), "model.pooling must be 'cls' or 'mean'"),
+            (self.model.proj_init in ("random", "pca"), "model.proj_init must be 'random' or 'pca'"),
+            (self.model.pca_score_scale > 0, "model.pca_score_scale must be > 0"),
             (self.refresh.every >= 1, "refresh.every must be >= 1"),
             (self.train.device in DEVICES, "train.device must be 'auto', 'cpu' or 'cuda'"),
             (self.refresh.device in DEVICES, "refresh.device must be 'auto', 'cpu' or 'cuda'"),

@@ -170,6 +170,17 @@ def max_over_trainers(value: int, group: TrainerGroup) -> int:
     return int(t.item())
 
 
+def broadcast_from_trainer0(t, group: TrainerGroup):
+    """Trainer 0's tensor `t`, on every trainer (same shape and dtype everywhere; returned where `t` was)."""
+    if not group.distributed:
+        return t
+    import torch.distributed as dist
+
+    buf = t.detach().to(group.comm_device).contiguous()
+    dist.broadcast(buf, src=0)
+    return buf.to(t.device)
+
+
 def gather_over_trainers(obj, group: TrainerGroup) -> list:
     """Every trainer's `obj`, in trainer order (picklable objects; nccl moves them through the current device,
     which `trainer_device` set)."""

@@ -20,7 +20,7 @@ from realm_hpc.checkpoint import atomic_write_json, load_checkpoint, save_traine
 from realm_hpc.config import Config
 from realm_hpc.data.examples import Batch, PretrainData
 from realm_hpc.device import group_device
-from realm_hpc.dist import TrainerGroup, barrier, mean_over_trainers, print0
+from realm_hpc.dist import TrainerGroup, barrier, broadcast_from_trainer0, mean_over_trainers, print0
 from realm_hpc.evaluate import mlm_accuracy, recall_at_k
 from realm_hpc.metrics import MetricsLogger, plot_curves
 from realm_hpc.models.realm import Realm
@@ -47,6 +47,7 @@ class RunState:
     trainer_wait_s: float = 0.0
     wall_s: float = 0.0  # wall time of earlier (killed) attempts
     refresh_steps: list[int] = field(default_factory=list)
+    retriever_steps: int = 0  # REALM steps that trained the retriever (0: the live index is the final encoder's)
 
 
 def fresh_index(model: Realm, data: PretrainData, cfg: Config, version: int, step: int,
@@ -120,7 +121,7 @@ class Pretrainer:
     def ict(self) -> None:
         cfg, data, model, state = self.cfg, self.data, self.model, self.state
         k = cfg.retrieval.k
-        start = fresh_index(model, data, cfg, 0, 0, self.group)
+        start = self.start_index()
         state.recall_at_k_start = recall_at_k(model, data, start, k)
         print0(f"recall@{k} at start: {state.recall_at_k_start:.3f} (chance {data.chance_recall(k):.3f})")
         self.log.log(0, phase="ict", recall_at_k=state.recall_at_k_start)
@@ -161,6 +162,26 @@ class Pretrainer:
                     break
         state.ict_done = True
         print0(f"recall@{k} after ICT ({state.ict_steps} steps): {state.recall_at_k_after_ict:.3f}")
+
+    def start_index(self) -> LiveIndex:
+        """Index v0 of the untrained retriever. With `model.proj_init=pca` the corpus is encoded up to the
+        projection, the projection becomes the top principal directions of those vectors, and the index is their
+        projection: one pass over the corpus either way."""
+        cfg, model, group = self.cfg, self.model, self.group
+        if cfg.model.proj_init != "pca":
+            return fresh_index(model, self.data, cfg, 0, 0, group)
+        pooled = full_embeddings(build_index(model.retriever.doc, self.data.blocks, cfg.refresh.batch_size, 0, 0,
+                                             group, sharded=False, pooled=True))
+        model.retriever.init_projection_pca(pooled, cfg.model.pca_score_scale)
+        # Trainers on different nodes may get SVDs that differ in the last bits: all take trainer 0's directions.
+        w = broadcast_from_trainer0(model.retriever.doc.proj.weight.data, group)
+        for enc in (model.retriever.query, model.retriever.doc):
+            enc.proj.weight.data.copy_(w)
+        with torch.no_grad():
+            emb = model.retriever.doc.proj(pooled.to(w.device))
+        print0(f"model.proj_init=pca: projection = the top {w.shape[0]} principal directions of the corpus's "
+               f"{pooled.shape[1]}-d vectors")
+        return index_from_full(emb, 0, 0, group, cfg.index.sharded, self.device)
 
     # -- REALM -------------------------------------------------------------------------------------------------
     def realm(self, ckpt: dict | None) -> LiveIndex:
@@ -231,6 +252,7 @@ class Pretrainer:
                         raise TrainingError(f"loss is {loss.item()} at step {step} (lower optim.lr or check the data)")
                     stepper.micro_step(loss)
                     losses.append(loss.item())
+                state.retriever_steps += int(train_retriever)
                 step_loss = mean_over_trainers(sum(losses) / len(losses), group)
                 state.step = step + 1
                 staleness = live.staleness(state.step)
@@ -279,8 +301,10 @@ class Pretrainer:
     def finish(self, live: LiveIndex) -> dict:
         cfg, data, model, st = self.cfg, self.data, self.model, self.state
         k = cfg.retrieval.k
-        # evaluate the final encoder, not a stale one
-        final = fresh_index(model, data, cfg, live.version + 1, st.step, self.group)
+        # Evaluate the final encoder, not a stale one. A retriever that REALM never trained (warm-up and
+        # train.retriever_freeze_steps cover the run) still has the weights the live index was built from.
+        final = live if st.retriever_steps == 0 else fresh_index(model, data, cfg, live.version + 1, st.step,
+                                                                 self.group)
         summary = {
             "recipe": cfg.recipe, "steps": st.step, "corpus_docs": len(data.blocks), "k": k,
             f"recall_at_{k}_start": st.recall_at_k_start,

@@ -184,3 +184,36 @@ def test_cli_errors_on_bad_paths_and_k(index_dir, tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_:
         main(["retrieve", "--index", str(index_dir), "--k", "0", "who"])
     assert exit_.value.code == 2 and "--k" in capsys.readouterr().err
+
+
+def test_pca_start_index_and_a_retriever_realm_never_trains(tmp_path, monkeypatch):
+    """model.proj_init=pca: the start index is exactly the PCA-initialised doc encoder's encoding of the corpus (one
+    pass over the corpus, no second encode); a retriever frozen for the whole run is evaluated on that index."""
+    import realm_hpc.train as train
+    from realm_hpc.checkpoint import load_checkpoint
+    from realm_hpc.config import apply_overrides
+    from realm_hpc.data.examples import PretrainData
+    from realm_hpc.models.realm import Realm
+    from realm_hpc.recipes import get_recipe
+    from realm_hpc.retrieval.index import encode_blocks
+
+    encodes = []
+    real = train.fresh_index
+    monkeypatch.setattr(train, "fresh_index", lambda *a, **kw: encodes.append(a[3]) or real(*a, **kw))
+    out = tmp_path / "pca"
+    sets = ["ict.steps=0", "model.proj_init=pca", "model.proj_dim=32", "model.normalize=true", "train.reader_warmup_steps=2",
+            "train.retriever_freeze_steps=100", "refresh.every=1000", "train.eval_every=1000",
+            "train.checkpoint_every=1000", "eval.closed_book_baseline=false"]
+    main(["pretrain", "--recipe", "tiny", "--out", str(out), "--steps", "6"] + [x for s in sets for x in ("--set", s)])
+    summary = json.loads((out / "summary.json").read_text())
+    assert encodes == []  # neither a random-projection start index nor a final re-encode
+    assert summary["recall_at_8"] == summary["recall_at_8_start"]
+    ckpt = load_checkpoint(out / "checkpoint")
+    cfg = apply_overrides(get_recipe("tiny"), sets)
+    model = Realm(cfg, PretrainData(cfg, out).vocab_size)
+    model.load_state_dict(ckpt["model"])
+    w = model.retriever.doc.proj.weight.detach()
+    torch.testing.assert_close(w @ w.T, cfg.model.pca_score_scale * torch.eye(w.shape[0]), atol=1e-3, rtol=1e-4)
+    blocks = PretrainData(cfg, out).blocks
+    torch.testing.assert_close(encode_blocks(model.retriever.doc, blocks, 64), ckpt["index"]["embeddings"],
+                               atol=1e-4, rtol=1e-4)

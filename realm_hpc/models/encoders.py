@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import BertConfig, BertModel
 
-from realm_hpc.config import ModelConfig
+from realm_hpc.config import ConfigError, ModelConfig
 
 
 def bert_config(cfg: ModelConfig, vocab_size: int, max_len: int) -> BertConfig:
@@ -32,7 +32,8 @@ class Encoder(nn.Module):
         if cfg.normalize:  # a unit vector's projection is as small as a random bias, which would swamp the ranking
             nn.init.zeros_(self.proj.bias)
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    def pool(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """The vector the projection reads: [CLS] or the masked mean, L2-normalised when `model.normalize`."""
         hidden = self.bert(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
         if self.pooling == "cls":
             pooled = hidden[:, 0]
@@ -41,7 +42,10 @@ class Encoder(nn.Module):
             pooled = (hidden * mask).sum(1) / mask.sum(1).clamp_min(1.0)
         # A sentence embedder (MiniLM) was trained for cosine similarity: its unnormalised vectors lose much of
         # their ranking through a random projection, its normalised ones far less (README, wiki recipe).
-        return self.proj(F.normalize(pooled, dim=-1) if self.normalize else pooled)
+        return F.normalize(pooled, dim=-1) if self.normalize else pooled
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        return self.proj(self.pool(input_ids, attention_mask))
 
 
 class Retriever(nn.Module):
@@ -53,3 +57,27 @@ class Retriever(nn.Module):
         self.query = Encoder(cfg, vocab_size, max(cfg.query_len, cfg.block_len))
         self.doc = Encoder(cfg, vocab_size, max(cfg.query_len, cfg.block_len))
         self.doc.load_state_dict(self.query.state_dict())
+
+    @torch.no_grad()
+    def init_projection_pca(self, pooled: torch.Tensor, score_scale: float) -> torch.Tensor:
+        """Both encoders' projection := the top `proj_dim` principal directions of the corpus's pooled vectors
+        `pooled` [N, H] (what `Encoder.pool` gives for every block), times sqrt(score_scale), bias 0; returns the
+        corpus's embeddings under it (the index), so the corpus is encoded once, not twice.
+
+        A random projection of a pretrained sentence embedder keeps little of its ranking; the principal
+        directions keep nearly all of it (README, wiki recipe). Relevance is then score_scale x the inner
+        product in that subspace (a cosine for normalised vectors), so that p(z|x) over the top-k is not flat."""
+        proj_dim = self.doc.proj.out_features
+        if proj_dim > min(pooled.shape):
+            raise ConfigError(f"model.proj_init=pca: model.proj_dim={proj_dim} is more than the {min(pooled.shape)} "
+                             "principal directions of the corpus's pooled vectors")
+        x = pooled.double()
+        _, _, vh = torch.linalg.svd(x - x.mean(0), full_matrices=False)
+        w = vh[:proj_dim]
+        # An SVD's directions have arbitrary signs: fix them (largest component positive) so runs repeat.
+        w = w * torch.sign(w.gather(1, w.abs().argmax(1, keepdim=True)))
+        w = (w * score_scale ** 0.5).to(self.doc.proj.weight.dtype)
+        for enc in (self.query, self.doc):
+            enc.proj.weight.copy_(w.to(enc.proj.weight.device))
+            nn.init.zeros_(enc.proj.bias)
+        return pooled @ w.to(pooled.device).T

@@ -56,18 +56,20 @@ class LiveIndex:
 
 @torch.no_grad()
 def encode_blocks(encoder: torch.nn.Module, blocks, batch_size: int, progress: bool = False,
-                  indices: range | None = None) -> torch.Tensor:
+                  indices: range | None = None, pooled: bool = False) -> torch.Tensor:
     """g(z) for every block (or a range of them), in batches, in eval mode. The one encoding loop shared by the
-    inline refresh, the refresher ranks and build-index."""
+    inline refresh, the refresher ranks and build-index. pooled: the vectors before the projection
+    (`Encoder.pool`), from which `model.proj_init=pca` computes the projection."""
     indices = indices if indices is not None else range(len(blocks))
     was_training = encoder.training
     encoder.eval()
     out = []
     device = next(encoder.parameters()).device
+    fn = encoder.pool if pooled else encoder
     starts = range(indices.start, indices.stop, batch_size)
     for start in tqdm(starts, desc="encode", disable=not progress, leave=False):
         batch = blocks.batch(range(start, min(start + batch_size, indices.stop)))
-        out.append(encoder(batch["input_ids"].to(device), batch["attention_mask"].to(device)).float())
+        out.append(fn(batch["input_ids"].to(device), batch["attention_mask"].to(device)).float())
     encoder.train(was_training)
-    proj = encoder.proj.out_features
-    return torch.cat(out) if out else torch.empty(0, proj, device=device)
+    width = encoder.proj.in_features if pooled else encoder.proj.out_features
+    return torch.cat(out) if out else torch.empty(0, width, device=device)

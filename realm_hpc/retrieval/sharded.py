@@ -95,12 +95,14 @@ def index_from_full(full: torch.Tensor, version: int, weights_step: int, group: 
 
 
 def build_index(encoder: torch.nn.Module, blocks, batch_size: int, version: int, weights_step: int,
-                group: TrainerGroup, sharded: bool) -> LiveIndex:
-    """Encode the corpus with the trainers splitting the rows; a lone trainer encodes them all."""
+                group: TrainerGroup, sharded: bool, pooled: bool = False) -> LiveIndex:
+    """Encode the corpus with the trainers splitting the rows; a lone trainer encodes them all.
+    pooled: index the vectors before the projection (see `encode_blocks`)."""
     if not group.distributed:
-        return LiveIndex(IndexSnapshot(encode_blocks(encoder, blocks, batch_size), version, weights_step))
+        return LiveIndex(IndexSnapshot(encode_blocks(encoder, blocks, batch_size, pooled=pooled), version,
+                                       weights_step))
     rows = shard_range(len(blocks), group.size, group.rank)
-    mine = encode_blocks(encoder, blocks, batch_size, indices=rows)
+    mine = encode_blocks(encoder, blocks, batch_size, indices=rows, pooled=pooled)
     if sharded:
         return ShardedIndex(IndexSnapshot(mine, version, weights_step), rows, len(blocks), group)
     return LiveIndex(IndexSnapshot(torch.cat(_all_gather_rows(mine, group)), version, weights_step))

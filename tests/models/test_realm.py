@@ -206,3 +206,30 @@ def test_normalize_pools_to_a_unit_vector_before_the_projection(cfg, data):
     torch.testing.assert_close(out.norm(dim=-1), torch.ones(5))
     assert not torch.allclose(raw.norm(dim=-1), torch.ones(5))  # the unnormalised pool is not unit length already
     torch.testing.assert_close(out, raw / raw.norm(dim=-1, keepdim=True))
+
+
+def test_pca_projection_is_the_corpus_principal_subspace_scaled(cfg, data):
+    """init_projection_pca: both encoders get orthogonal rows of norm sqrt(scale) and zero bias, the returned index
+    is the doc projection of the pooled vectors, and for vectors that lie in a proj_dim-dimensional affine subspace
+    the projection keeps every centred inner product, times the scale."""
+    from realm_hpc.config import ConfigError
+
+    torch.manual_seed(0)
+    model = Realm(replace(cfg, model=replace(cfg.model, normalize=True)), data.vocab_size)
+    P, H = cfg.model.proj_dim, cfg.model.hidden
+    g = torch.Generator().manual_seed(0)
+    basis = torch.linalg.qr(torch.randn(H, P, generator=g))[0]
+    pooled = torch.randn(H, generator=g) + torch.randn(200, P, generator=g) @ basis.T
+    emb = model.retriever.init_projection_pca(pooled, 20.0)
+    w = model.retriever.doc.proj.weight.detach()
+    torch.testing.assert_close(w @ w.T, 20.0 * torch.eye(P), atol=1e-4, rtol=1e-4)
+    for enc in (model.retriever.query, model.retriever.doc):
+        assert torch.equal(enc.proj.weight, w) and not enc.proj.bias.any()
+    torch.testing.assert_close(emb, model.retriever.doc.proj(pooled).detach())
+    centred, emb_c = pooled - pooled.mean(0), emb - emb.mean(0)
+    torch.testing.assert_close(emb_c @ emb_c.T, 20.0 * centred @ centred.T, atol=1e-3, rtol=1e-4)
+    # The SVD's signs are fixed, so a second init gives the same weights.
+    model.retriever.init_projection_pca(pooled, 20.0)
+    assert torch.equal(model.retriever.doc.proj.weight, w)
+    with pytest.raises(ConfigError, match="model.proj_dim"):
+        model.retriever.init_projection_pca(pooled[:, : P // 2], 20.0)
