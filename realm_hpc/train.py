@@ -76,6 +76,7 @@ class Pretrainer:
         self.device = group_device(group, cfg.train.device)
         self.t0 = time.perf_counter()
         self.untrained_index: LiveIndex | None = None  # set by ict() when ICT is off (see realm())
+        self.last_eval: tuple = (-1, -1, None, None)  # (step, index version, recall@k, mlm acc) of the last eval
 
     # -- the whole run -------------------------------------------------------------------------------------------
     def run(self) -> dict:
@@ -268,6 +269,7 @@ class Pretrainer:
                 if state.step % cfg.train.eval_every == 0 or state.step == cfg.train.steps:
                     row.update(recall_at_k=recall_at_k(model, data, live, k),
                                mlm_acc=mlm_accuracy(model, data, live, k, cfg.eval.batch_size))
+                    self.last_eval = (state.step, live.version, row["recall_at_k"], row["mlm_acc"])
                 if row:
                     self.log.log(self._global_step(), phase="warmup" if warm else "realm", index_version=live.version,
                                  staleness=staleness, **row)
@@ -305,13 +307,17 @@ class Pretrainer:
         # train.retriever_freeze_steps cover the run) still has the weights the live index was built from.
         final = live if st.retriever_steps == 0 else fresh_index(model, data, cfg, live.version + 1, st.step,
                                                                  self.group)
+        if final is live and self.last_eval[:2] == (st.step, live.version):  # the last step evaluated these
+            recall, mlm = self.last_eval[2:]
+        else:
+            recall, mlm = recall_at_k(model, data, final, k), mlm_accuracy(model, data, final, k, cfg.eval.batch_size)
         summary = {
             "recipe": cfg.recipe, "steps": st.step, "corpus_docs": len(data.blocks), "k": k,
             f"recall_at_{k}_start": st.recall_at_k_start,
             f"recall_at_{k}_after_ict": st.recall_at_k_after_ict,
-            f"recall_at_{k}": recall_at_k(model, data, final, k),
+            f"recall_at_{k}": recall,
             f"chance_recall_at_{k}": data.chance_recall(k),
-            "mlm_acc_retrieval": mlm_accuracy(model, data, final, k, cfg.eval.batch_size),
+            "mlm_acc_retrieval": mlm,
             "ict_steps": st.ict_steps,
             "index_versions": st.index_versions,
             "max_staleness_steps": st.max_staleness,
