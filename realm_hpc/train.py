@@ -76,7 +76,6 @@ class Pretrainer:
         self.device = group_device(group, cfg.train.device)
         self.t0 = time.perf_counter()
         self.untrained_index: LiveIndex | None = None  # set by ict() when ICT is off (see realm())
-        self.last_eval: tuple = (-1, -1, None, None)  # (step, index version, recall@k, mlm acc) of the last eval
 
     # -- the whole run -------------------------------------------------------------------------------------------
     def run(self) -> dict:
@@ -266,10 +265,9 @@ class Pretrainer:
                     row.update(loss=sum(window) / len(window), lr=stepper.lr(), wait_s=window_wait,
                                wait_share=window_wait / max(window_s, 1e-9))
                     window, window_wait, window_s = [], 0.0, 0.0
-                if state.step % cfg.train.eval_every == 0 or state.step == cfg.train.steps:
+                if state.step % cfg.train.eval_every == 0 and state.step < cfg.train.steps:  # the end: finish()
                     row.update(recall_at_k=recall_at_k(model, data, live, k),
                                mlm_acc=mlm_accuracy(model, data, live, k, cfg.eval.batch_size))
-                    self.last_eval = (state.step, live.version, row["recall_at_k"], row["mlm_acc"])
                 if row:
                     self.log.log(self._global_step(), phase="warmup" if warm else "realm", index_version=live.version,
                                  staleness=staleness, **row)
@@ -307,10 +305,9 @@ class Pretrainer:
         # train.retriever_freeze_steps cover the run) still has the weights the live index was built from.
         final = live if st.retriever_steps == 0 else fresh_index(model, data, cfg, live.version + 1, st.step,
                                                                  self.group)
-        if final is live and self.last_eval[:2] == (st.step, live.version):  # the last step evaluated these
-            recall, mlm = self.last_eval[2:]
-        else:
-            recall, mlm = recall_at_k(model, data, final, k), mlm_accuracy(model, data, final, k, cfg.eval.batch_size)
+        recall, mlm = recall_at_k(model, data, final, k), mlm_accuracy(model, data, final, k, cfg.eval.batch_size)
+        where = {"index_version": live.version} if final is live else {"fresh_index": 1}  # a fresh one is no version
+        self.log.log(self._global_step(), phase="realm", recall_at_k=recall, mlm_acc=mlm, **where)
         summary = {
             "recipe": cfg.recipe, "steps": st.step, "corpus_docs": len(data.blocks), "k": k,
             f"recall_at_{k}_start": st.recall_at_k_start,
