@@ -1,7 +1,9 @@
-"""Held-out evaluation: recall@k of the gold document and exact-token MLM accuracy on salient spans."""
+"""Held-out evaluation: recall@k of the gold document, the share of masked spans a retrieved document holds, and
+exact-token MLM accuracy on salient spans."""
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 from realm_hpc.data.examples import PretrainData
@@ -25,6 +27,30 @@ def recall_at_k(model: Realm, data: PretrainData, index: LiveIndex, k: int, batc
                 hits += bool(set(row) & set(e.gold))
     model.train(was)
     return hits / total if total else float("nan")
+
+
+def _contains(doc: np.ndarray, span: np.ndarray) -> bool:
+    n = len(span)
+    return n > 0 and any(np.array_equal(doc[i:i + n], span) for i in np.flatnonzero(doc == span[0]))
+
+
+@torch.no_grad()
+def span_in_top_k(model: Realm, data: PretrainData, index: LiveIndex, k: int, batch_size: int = 64) -> float:
+    """Share of held-out masked examples whose span (its tokens, in order) occurs in one of the top k documents
+    (title or text; the source excluded): what a reader could copy. Needs no gold annotation, so it measures
+    retrieval on any corpus."""
+    was = model.training
+    model.eval()
+    hits = 0
+    for examples, batch in data.eval_batches(batch_size):
+        batch = batch.to(model.device)
+        q = model.retriever.query(batch.query_ids, batch.query_mask)
+        _, ids = index.search(q, k, batch.source)
+        for e, row in zip(examples, ids.tolist()):
+            span = e.sentence.ids[e.span[0]:e.span[1]]
+            hits += any(_contains(data.blocks.tokens(d)[1:], span) for d in row)
+    model.train(was)
+    return hits / len(data.eval) if len(data.eval) else float("nan")
 
 
 @torch.no_grad()

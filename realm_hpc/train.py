@@ -21,7 +21,7 @@ from realm_hpc.config import Config
 from realm_hpc.data.examples import Batch, PretrainData
 from realm_hpc.device import group_device
 from realm_hpc.dist import TrainerGroup, barrier, broadcast_from_trainer0, mean_over_trainers, print0
-from realm_hpc.evaluate import mlm_accuracy, recall_at_k
+from realm_hpc.evaluate import mlm_accuracy, recall_at_k, span_in_top_k
 from realm_hpc.metrics import MetricsLogger, plot_curves
 from realm_hpc.models.realm import Realm
 from realm_hpc.optim import build_optimizer, make_stepper, micro_batch_size
@@ -42,6 +42,7 @@ class RunState:
     ict_steps: int = 0
     recall_at_k_start: float = float("nan")
     recall_at_k_after_ict: float = float("nan")
+    span_in_top_k_start: float = float("nan")
     index_versions: int = 0
     max_staleness: int = 0
     trainer_wait_s: float = 0.0
@@ -123,7 +124,9 @@ class Pretrainer:
         k = cfg.retrieval.k
         start = self.start_index()
         state.recall_at_k_start = recall_at_k(model, data, start, k)
-        print0(f"recall@{k} at start: {state.recall_at_k_start:.3f} (chance {data.chance_recall(k):.3f})")
+        state.span_in_top_k_start = span_in_top_k(model, data, start, k)
+        print0(f"recall@{k} at start: {state.recall_at_k_start:.3f} (chance {data.chance_recall(k):.3f}); "
+               f"masked span in a top-{k} doc: {state.span_in_top_k_start:.3f}")
         self.log.log(0, phase="ict", recall_at_k=state.recall_at_k_start)
         state.recall_at_k_after_ict = state.recall_at_k_start
         if cfg.ict.steps <= 0:
@@ -314,6 +317,8 @@ class Pretrainer:
             f"recall_at_{k}_after_ict": st.recall_at_k_after_ict,
             f"recall_at_{k}": recall,
             f"chance_recall_at_{k}": data.chance_recall(k),
+            f"span_in_top_{k}_start": st.span_in_top_k_start,
+            f"span_in_top_{k}": span_in_top_k(model, data, final, k),
             "mlm_acc_retrieval": mlm,
             "ict_steps": st.ict_steps,
             "index_versions": st.index_versions,

@@ -20,7 +20,8 @@ ARGS = ["--steps", str(STEPS), "--set", f"refresh.every={REFRESH_EVERY}", "--set
         "--set", "train.checkpoint_every=1000", "--set", "eval.closed_book_baseline=true"]
 
 SUMMARY_KEYS = {"recipe", "steps", "corpus_docs", "k", "recall_at_8_start", "recall_at_8_after_ict", "recall_at_8",
-                "chance_recall_at_8", "mlm_acc_retrieval", "mlm_acc_closed_book", "ict_steps", "index_versions",
+                "chance_recall_at_8", "span_in_top_8_start", "span_in_top_8", "mlm_acc_retrieval",
+                "mlm_acc_closed_book", "ict_steps", "index_versions",
                 "max_staleness_steps", "trainer_wait_s", "refresh_mode", "eval_examples", "wall_s",
                 "trainer_wait_share", "eval_examples_with_gold"}
 ROW_KEYS = {"step", "phase", "loss", "lr", "index_version", "staleness", "wait_s"}
@@ -119,6 +120,7 @@ def test_evaluate_reproduces_the_summary(run, summary, capsys):
     assert result["recall_at_8"] == pytest.approx(summary["recall_at_8"], abs=1e-9)
     assert result["mlm_acc_retrieval"] == pytest.approx(summary["mlm_acc_retrieval"], abs=1e-9)
     assert result["chance_recall_at_8"] == pytest.approx(summary["chance_recall_at_8"])
+    assert result["span_in_top_8"] == pytest.approx(summary["span_in_top_8"], abs=1e-9)
     assert result["eval_examples"] == summary["eval_examples"]
     assert "recall_at_8" in capsys.readouterr().out
 
