@@ -27,6 +27,7 @@ def test_wiki_recipe_resolves_to_the_packaged_corpus_and_weights():
 
     cfg = recipes.get_recipe("wiki").validate()
     assert cfg.recipe == "wiki" and cfg.model.copy_head and cfg.train.warmup_source_block  # fresh heads (README)
+    assert cfg.model.normalize and cfg.model.proj_init == "pca"  # MiniLM's ranking survives the projection (README)
     assert Path(cfg.data.corpus).name == "summaries_en-us.json"
     assert sum(1 for _ in iter_corpus(cfg.data.corpus)) == 10033
     assert (Path(cfg.model.pretrained) / "config.json").is_file()
