@@ -48,7 +48,6 @@ class RunState:
     trainer_wait_s: float = 0.0
     wall_s: float = 0.0  # wall time of earlier (killed) attempts
     refresh_steps: list[int] = field(default_factory=list)
-    retriever_steps: int = 0  # REALM steps that trained the retriever (0: the live index is the final encoder's)
 
 
 def fresh_index(model: Realm, data: PretrainData, cfg: Config, version: int, step: int,
@@ -175,14 +174,13 @@ class Pretrainer:
             return fresh_index(model, self.data, cfg, 0, 0, group)
         pooled = full_embeddings(build_index(model.retriever.doc, self.data.blocks, cfg.refresh.batch_size, 0, 0,
                                              group, sharded=False, pooled=True))
-        model.retriever.init_projection_pca(pooled, cfg.model.pca_score_scale)
-        # Trainers on different nodes may get SVDs that differ in the last bits: all take trainer 0's directions.
-        w = broadcast_from_trainer0(model.retriever.doc.proj.weight.data, group)
-        for enc in (model.retriever.query, model.retriever.doc):
-            enc.proj.weight.data.copy_(w)
-        with torch.no_grad():
-            emb = model.retriever.doc.proj(pooled.to(w.device))
-        print0(f"model.proj_init=pca: projection = the top {w.shape[0]} principal directions of the corpus's "
+        emb = model.retriever.init_projection_pca(pooled, cfg.model.pca_score_scale)
+        if group.distributed:  # nodes' SVDs may differ in the last bits: all trainers take trainer 0's directions
+            w = broadcast_from_trainer0(model.retriever.doc.proj.weight.data, group)
+            for enc in (model.retriever.query, model.retriever.doc):
+                enc.proj.weight.data.copy_(w)
+            emb = pooled.to(w.device) @ w.T
+        print0(f"model.proj_init=pca: projection = the top {cfg.model.proj_dim} principal directions of the corpus's "
                f"{pooled.shape[1]}-d vectors")
         return index_from_full(emb, 0, 0, group, cfg.index.sharded, self.device)
 
@@ -255,7 +253,6 @@ class Pretrainer:
                         raise TrainingError(f"loss is {loss.item()} at step {step} (lower optim.lr or check the data)")
                     stepper.micro_step(loss)
                     losses.append(loss.item())
-                state.retriever_steps += int(train_retriever)
                 step_loss = mean_over_trainers(sum(losses) / len(losses), group)
                 state.step = step + 1
                 staleness = live.staleness(state.step)
@@ -306,8 +303,8 @@ class Pretrainer:
         k = cfg.retrieval.k
         # Evaluate the final encoder, not a stale one. A retriever that REALM never trained (warm-up and
         # train.retriever_freeze_steps cover the run) still has the weights the live index was built from.
-        final = live if st.retriever_steps == 0 else fresh_index(model, data, cfg, live.version + 1, st.step,
-                                                                 self.group)
+        never_trained = cfg.train.steps <= cfg.train.reader_warmup_steps + cfg.train.retriever_freeze_steps
+        final = live if never_trained else fresh_index(model, data, cfg, live.version + 1, st.step, self.group)
         recall, mlm = recall_at_k(model, data, final, k), mlm_accuracy(model, data, final, k, cfg.eval.batch_size)
         where = {"index_version": live.version} if final is live else {"fresh_index": 1}  # a fresh one is no version
         self.log.log(self._global_step(), phase="realm", recall_at_k=recall, mlm_acc=mlm, **where)

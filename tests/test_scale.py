@@ -123,6 +123,26 @@ def test_one_and_two_trainers_give_the_same_losses(one_and_two):
     assert s2["recall_at_8"] == pytest.approx(s1["recall_at_8"], abs=1e-9)
 
 
+def test_pca_projection_is_the_same_for_one_and_two_trainers(tmp_path):
+    """model.proj_init=pca with 2 trainers: each encodes half the corpus, the pooled vectors are all-gathered and
+    trainer 0's directions broadcast; the start index, its recall and the losses are a lone trainer's."""
+    if TORCHRUN is None:
+        pytest.skip("torchrun not found")
+    pca = [*SMALL, "--steps", 4, "--set", "ict.steps=0", "--set", "model.proj_init=pca", "--set", "model.proj_dim=32",
+           "--set", "model.normalize=true", "--set", "model.dropout=0", "--set", "train.reader_warmup_steps=2",
+           "--set", "refresh.every=1000", "--set", "eval.closed_book_baseline=false"]
+    _run([*REALM, "pretrain", "--out", tmp_path / "one", *pca], cwd=tmp_path)
+    _run(_torchrun(tmp_path / "two", *pca, "--set", "index.sharded=true"), cwd=tmp_path)
+    s1, s2 = (json.loads((tmp_path / d / "summary.json").read_text()) for d in ("one", "two"))
+    assert s2["trainers"] == 2
+    for key in ("recall_at_8_start", "span_in_top_8_start"):
+        assert s2[key] == pytest.approx(s1[key], abs=1e-9), key
+    one, two = _step_rows(tmp_path / "one"), _step_rows(tmp_path / "two")
+    assert len(one) == len(two) == 4
+    for a, b in zip(one, two):
+        assert b["loss"] == pytest.approx(a["loss"], rel=1e-4, abs=1e-4), (a["step"], a["loss"], b["loss"])
+
+
 def _children(pid: int) -> list[int]:
     out = []
     for task in Path(f"/proc/{pid}/task").iterdir():
