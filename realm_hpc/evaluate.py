@@ -12,21 +12,25 @@ from realm_hpc.retrieval.index import LiveIndex
 
 
 @torch.no_grad()
-def recall_at_k(model: Realm, data: PretrainData, index: LiveIndex, k: int, batch_size: int = 64) -> float:
-    """Share of held-out masked examples whose gold document (never the excluded source) is in the top k."""
+def _retrieved(model: Realm, data: PretrainData, index: LiveIndex, k: int, batch_size: int):
+    """(held-out example, its top-k block ids, source excluded) for every held-out example, queries encoded in eval
+    mode. Every search is a collective on a sharded index: all trainers iterate to the end."""
     was = model.training
     model.eval()
-    hits, total = 0, 0
-    for examples, batch in data.eval_batches(batch_size):
-        batch = batch.to(model.device)
-        q = model.retriever.query(batch.query_ids, batch.query_mask)
-        _, ids = index.search(q, k, batch.source)
-        for e, row in zip(examples, ids.tolist()):
-            if e.gold:
-                total += 1
-                hits += bool(set(row) & set(e.gold))
-    model.train(was)
-    return hits / total if total else float("nan")
+    try:
+        for examples, batch in data.eval_batches(batch_size):
+            batch = batch.to(model.device)
+            q = model.retriever.query(batch.query_ids, batch.query_mask)
+            _, ids = index.search(q, k, batch.source)
+            yield from zip(examples, ids.tolist())
+    finally:
+        model.train(was)
+
+
+def recall_at_k(model: Realm, data: PretrainData, index: LiveIndex, k: int, batch_size: int = 64) -> float:
+    """Share of held-out masked examples whose gold document (never the excluded source) is in the top k."""
+    hits = [bool(set(row) & set(e.gold)) for e, row in _retrieved(model, data, index, k, batch_size) if e.gold]
+    return sum(hits) / len(hits) if hits else float("nan")
 
 
 def _contains(doc: np.ndarray, span: np.ndarray) -> bool:
@@ -34,23 +38,13 @@ def _contains(doc: np.ndarray, span: np.ndarray) -> bool:
     return n > 0 and any(np.array_equal(doc[i:i + n], span) for i in np.flatnonzero(doc == span[0]))
 
 
-@torch.no_grad()
 def span_in_top_k(model: Realm, data: PretrainData, index: LiveIndex, k: int, batch_size: int = 64) -> float:
     """Share of held-out masked examples whose span (its tokens, in order) occurs in one of the top k documents
     (title or text; the source excluded): what a reader could copy. Needs no gold annotation, so it measures
     retrieval on any corpus."""
-    was = model.training
-    model.eval()
-    hits = 0
-    for examples, batch in data.eval_batches(batch_size):
-        batch = batch.to(model.device)
-        q = model.retriever.query(batch.query_ids, batch.query_mask)
-        _, ids = index.search(q, k, batch.source)
-        for e, row in zip(examples, ids.tolist()):
-            span = e.sentence.ids[e.span[0]:e.span[1]]
-            hits += any(_contains(data.blocks.tokens(d)[1:], span) for d in row)
-    model.train(was)
-    return hits / len(data.eval) if len(data.eval) else float("nan")
+    hits = [any(_contains(data.blocks.tokens(d)[1:], e.sentence.ids[e.span[0]:e.span[1]]) for d in row)
+            for e, row in _retrieved(model, data, index, k, batch_size)]
+    return sum(hits) / len(hits) if hits else float("nan")
 
 
 @torch.no_grad()
