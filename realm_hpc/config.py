@@ -113,7 +113,9 @@ class TrainConfig:
     steps: int = 300
     batch_size: int = 16
     reader_warmup_steps: int = 100  # first steps: the reader alone (retriever frozen) on the top docs
-    reader_warmup_k: int = 1  # docs the reader sees during warm-up (1 = the top-1 retrieved doc)
+    # docs the reader sees during warm-up (1 = the top-1 retrieved doc; with warmup_source_block the first is the
+    # query's own block and the others the top retrieved ones, the source excluded)
+    reader_warmup_k: int = 1
     # During the warm-up only, the source block may be retrieved: its copy of the masked sentence teaches the
     # reader to copy from documents at all. REALM's trivial-retrieval exclusion holds for every later step.
     warmup_allow_source: bool = True
@@ -121,6 +123,11 @@ class TrainConfig:
     # there to copy (wiki, measured: a fresh MLM head's loss halves within ~100 such steps, and does not move in 80
     # steps on the top-1 retrieved doc, which holds the span a third of the time).
     warmup_source_block: bool = False
+    # The warm-up's loss: "marginal" (REALM's, over the docs and the null doc) or "per_doc": the mean over those
+    # docs of log p(y|z,x), each doc on its own. The marginal trains the reader almost only on the doc that holds
+    # the span (the source block); per_doc also trains it on the docs that do not, where it must fall back on the
+    # vocabulary instead of copying (wiki, README).
+    warmup_loss: str = "marginal"
     retriever_freeze_steps: int = 0  # REALM steps with the retriever frozen after the warm-up
     seed: int = 0
     log_every: int = 10
@@ -195,6 +202,7 @@ class Config:
             (self.refresh.device in DEVICES, "refresh.device must be 'auto', 'cpu' or 'cuda'"),
             (self.train.batch_size >= 1, "train.batch_size must be >= 1"),
             (self.train.grad_accum >= 1, "train.grad_accum must be >= 1"),
+            (self.train.warmup_loss in ("marginal", "per_doc"), "train.warmup_loss must be 'marginal' or 'per_doc'"),
             (0.0 <= self.model.dropout < 1.0, "model.dropout must be in [0, 1)"),
             (0.0 <= self.data.world_alias_rate <= 1.0, "data.world_alias_rate must be in [0, 1]"),
             (self.model.query_len < self.model.reader_len, "model.query_len must be < model.reader_len"),

@@ -3,6 +3,8 @@ exact-token MLM accuracy on salient spans."""
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import torch
 
@@ -48,16 +50,31 @@ def span_in_top_k(model: Realm, data: PretrainData, index: LiveIndex, k: int, ba
 
 
 @torch.no_grad()
-def mlm_accuracy(model: Realm, data: PretrainData, index: LiveIndex | None, k: int, batch_size: int = 32) -> float:
-    """Exact-token accuracy of argmax_v p(v|x), marginalised over the retrieved docs, on held-out spans."""
+def mlm_token_hits(model: Realm, data: PretrainData, index: LiveIndex | None, k: int,
+                   batch_size: int = 32) -> torch.Tensor:
+    """Whether argmax_v p(v|x), marginalised over the retrieved docs, is the masked token: one bool per held-out
+    masked token, always in the same order, so two models' hits pair up token by token (paired_sign_test)."""
     was = model.training
     model.eval()
-    correct, total = 0.0, 0.0
+    hits = []
     for _, batch in data.eval_batches(batch_size):
         batch = batch.to(model.device)
-        out = model(batch, data, index, k, train_retriever=False)
-        pred = model.predict_tokens(out)
-        correct += float(((pred == batch.targets).float() * batch.target_mask).sum())
-        total += float(batch.target_mask.sum())
+        pred = model.predict_tokens(model(batch, data, index, k, train_retriever=False))
+        hits.append((pred == batch.targets)[batch.target_mask.bool()].cpu())
     model.train(was)
-    return correct / total if total else float("nan")
+    return torch.cat(hits) if hits else torch.zeros(0, dtype=torch.bool)
+
+
+def mlm_accuracy(model: Realm, data: PretrainData, index: LiveIndex | None, k: int, batch_size: int = 32) -> float:
+    """Exact-token accuracy of argmax_v p(v|x), marginalised over the retrieved docs, on held-out spans."""
+    hits = mlm_token_hits(model, data, index, k, batch_size)
+    return hits.float().mean().item() if len(hits) else float("nan")
+
+
+def paired_sign_test(a: torch.Tensor, b: torch.Tensor) -> tuple[int, int, float]:
+    """McNemar's exact test on two models' paired hits: (tokens only a gets right, tokens only b gets right, the
+    two-sided p-value of that split if a and b were equally accurate: a fair-coin binomial tail)."""
+    only_a, only_b = int((a & ~b).sum()), int((~a & b).sum())
+    n = only_a + only_b
+    tail = sum(math.comb(n, i) for i in range(min(only_a, only_b) + 1)) / 2 ** n
+    return only_a, only_b, min(1.0, 2 * tail)

@@ -21,7 +21,7 @@ from realm_hpc.config import Config
 from realm_hpc.data.examples import Batch, PretrainData
 from realm_hpc.device import group_device
 from realm_hpc.dist import TrainerGroup, barrier, broadcast_from_trainer0, mean_over_trainers, print0
-from realm_hpc.evaluate import mlm_accuracy, recall_at_k, span_in_top_k
+from realm_hpc.evaluate import mlm_accuracy, mlm_token_hits, paired_sign_test, recall_at_k, span_in_top_k
 from realm_hpc.metrics import MetricsLogger, plot_curves
 from realm_hpc.models.realm import Realm
 from realm_hpc.optim import build_optimizer, make_stepper, micro_batch_size
@@ -248,7 +248,7 @@ class Pretrainer:
                                          exclude_source=False if warm and cfg.train.warmup_allow_source else None,
                                          docs=batch.source[:, None] if warm and cfg.train.warmup_source_block
                                          else None)
-                    loss = -out.log_marginal.mean()
+                    loss = out.loss(per_doc=warm and cfg.train.warmup_loss == "per_doc")
                     if not math.isfinite(loss.item()):
                         raise TrainingError(f"loss is {loss.item()} at step {step} (lower optim.lr or check the data)")
                     stepper.micro_step(loss)
@@ -305,7 +305,8 @@ class Pretrainer:
         # train.retriever_freeze_steps cover the run) still has the weights the live index was built from.
         never_trained = cfg.train.steps <= cfg.train.reader_warmup_steps + cfg.train.retriever_freeze_steps
         final = live if never_trained else fresh_index(model, data, cfg, live.version + 1, st.step, self.group)
-        recall, mlm = recall_at_k(model, data, final, k), mlm_accuracy(model, data, final, k, cfg.eval.batch_size)
+        recall, hits = recall_at_k(model, data, final, k), mlm_token_hits(model, data, final, k, cfg.eval.batch_size)
+        mlm = hits.float().mean().item() if len(hits) else float("nan")
         where = {"index_version": live.version} if final is live else {"fresh_index": 1}  # a fresh one is no version
         self.log.log(self._global_step(), phase="realm", recall_at_k=recall, mlm_acc=mlm, **where)
         summary = {
@@ -330,15 +331,21 @@ class Pretrainer:
         if self.group.rank != 0:
             return summary
         if cfg.eval.closed_book_baseline:
-            summary["mlm_acc_closed_book"] = self.closed_book_baseline()
+            cb_hits = self.closed_book_baseline()
+            only_r, only_cb, p = paired_sign_test(hits, cb_hits)
+            # Same held-out tokens for both: the paired counts and McNemar's exact p say whether the gap is noise.
+            summary.update(mlm_acc_closed_book=cb_hits.float().mean().item() if len(cb_hits) else float("nan"),
+                           mlm_eval_tokens=len(hits), mlm_only_retrieval_right=only_r,
+                           mlm_only_closed_book_right=only_cb, mlm_vs_closed_book_p=p)
         summary["wall_s"] = st.wall_s + time.perf_counter() - self.t0
         summary["trainer_wait_share"] = st.trainer_wait_s / summary["wall_s"]
         atomic_write_json(self.run_dir / "summary.json", summary)
         plot_curves(self.run_dir)
         return summary
 
-    def closed_book_baseline(self) -> float:
-        """The same reader, budget and data with retrieval off: it sees only the null document."""
+    def closed_book_baseline(self) -> torch.Tensor:
+        """The same reader, budget and data with retrieval off: it sees only the null document. Its hits on the
+        held-out masked tokens (evaluate.mlm_token_hits)."""
         cfg = self.cfg
         cb_cfg = replace(cfg, retrieval=replace(cfg.retrieval, enabled=False))
         torch.manual_seed(cfg.train.seed)
@@ -352,4 +359,4 @@ class Pretrainer:
             torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
             opt.step()
             sched.step()
-        return mlm_accuracy(model, self.data, None, 0, cfg.eval.batch_size)
+        return mlm_token_hits(model, self.data, None, 0, cfg.eval.batch_size)

@@ -60,6 +60,8 @@ def test_overrides_are_validated():
         apply_overrides(Config(), ["refresh.mode=carrier-pigeon"])
     with pytest.raises(ConfigError, match="retrieval.k"):
         apply_overrides(Config(), ["retrieval.k=0"])
+    with pytest.raises(ConfigError, match="train.warmup_loss"):
+        apply_overrides(Config(), ["train.warmup_loss=sum"])
 
 
 def test_config_json_round_trip(tmp_path):

@@ -1,11 +1,11 @@
-"""span_in_top_k: the share of held-out masked spans that a retrieved document holds, against a brute force."""
+"""Held-out metrics: span_in_top_k against a brute force, the per-token MLM hits and the paired test on them."""
 
 import pytest
 import torch
 
 from realm_hpc.config import apply_overrides
 from realm_hpc.data.examples import PretrainData
-from realm_hpc.evaluate import span_in_top_k
+from realm_hpc.evaluate import mlm_accuracy, mlm_token_hits, paired_sign_test, span_in_top_k
 from realm_hpc.models.realm import Realm
 from realm_hpc.recipes import get_recipe
 from realm_hpc.train import fresh_index
@@ -49,3 +49,29 @@ def test_span_in_top_k_matches_a_brute_force_and_grows_with_k(setup):
 def _queries(data):
     for _, batch in data.eval_batches(len(data.eval)):
         yield batch.query_ids, batch.query_mask
+
+
+def test_mlm_token_hits_pair_up_token_by_token_and_give_the_accuracy(setup):
+    """One hit per held-out masked token, in a fixed order: the same model twice gives the same vector, and its
+    mean is mlm_accuracy. A model that reads nothing (closed book) lines up with it token for token."""
+    cfg, data, model, index = setup
+    hits = mlm_token_hits(model, data, index, 2)
+    n_tokens = sum(e.span[1] - e.span[0] for e in data.eval)
+    assert hits.dtype == torch.bool and hits.shape == (n_tokens,)
+    assert torch.equal(hits, mlm_token_hits(model, data, index, 2, batch_size=7))
+    assert mlm_accuracy(model, data, index, 2) == pytest.approx(hits.float().mean().item())
+    assert mlm_token_hits(model, data, None, 0).shape == hits.shape
+
+
+@pytest.mark.parametrize("only_a, only_b, both, p", [
+    (8, 0, 5, 2 / 2 ** 8),  # 8 of 8 discordant tokens favour a: 2 x (1/2)^8
+    (3, 3, 0, 1.0),  # an even split is no evidence
+    (0, 0, 9, 1.0),  # nothing discordant
+    (1, 4, 2, 2 * (1 + 5) / 2 ** 5),  # P(X <= 1), X ~ Bin(5, 1/2), doubled
+])
+def test_paired_sign_test_counts_discordant_tokens_and_gives_mcnemars_exact_p(only_a, only_b, both, p):
+    neither = 6
+    a = torch.tensor([True] * only_a + [False] * only_b + [True] * both + [False] * neither)
+    b = torch.tensor([False] * only_a + [True] * only_b + [True] * both + [False] * neither)
+    assert paired_sign_test(a, b) == (only_a, only_b, pytest.approx(p))
+    assert paired_sign_test(b, a) == (only_b, only_a, pytest.approx(p))

@@ -28,6 +28,11 @@ class RealmOutput:
     doc_ids: torch.Tensor  # [B, K] block ids, -1 = null doc
     reader_inputs: dict
 
+    def loss(self, per_doc: bool = False) -> torch.Tensor:
+        """REALM's -log p(y|x), batch mean. per_doc (train.warmup_loss): -mean_z log p(y|z,x) instead, every doc
+        on its own, so the reader also learns from the docs whose posterior is ~0 (those without the span)."""
+        return -(self.reader_logprob.mean(dim=1) if per_doc else self.log_marginal).mean()
+
 
 class Realm(nn.Module):
     def __init__(self, cfg: Config, vocab_size: int):
@@ -50,8 +55,8 @@ class Realm(nn.Module):
                 train_retriever: bool = True, exclude_source: bool | None = None,
                 docs: torch.Tensor | None = None) -> RealmOutput:
         """exclude_source: None = the config's trivial-retrieval exclusion (always on outside the reader warm-up).
-        docs: [B, k'] block ids to read instead of searching the index (the warm-up on the source block); their
-        relevance scores come from the current encoders."""
+        docs: [B, k'] block ids the reader reads first (the warm-up on the source block); the other k - k' are
+        searched with those blocks excluded. Their relevance scores come from the current encoders."""
         device = self.device
         batch = batch.to(device)
         B = batch.query_ids.size(0)
@@ -63,7 +68,12 @@ class Realm(nn.Module):
                 if exclude_source is None:
                     exclude_source = self.cfg.retrieval.exclude_source
                 exclude = batch.source if exclude_source else None
-                stale_scores, ids = index.search(q, k, exclude) if docs is None else (None, docs.to(device))
+                if docs is None:
+                    stale_scores, ids = index.search(q, k, exclude)
+                else:
+                    stale_scores, ids = None, docs.to(device)
+                    if k > ids.size(1):  # given docs (one each: the source block) + the top searched ones
+                        ids = torch.cat([ids, index.search(q, k - ids.size(1), ids[:, 0])[1]], dim=1)
                 if train_retriever or stale_scores is None:
                     blocks = data.blocks.batch(ids.flatten().tolist())
                     g = self.retriever.doc(blocks["input_ids"].to(device),

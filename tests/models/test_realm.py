@@ -151,6 +151,36 @@ def test_warmup_on_the_source_block_reads_it_and_scores_it_with_the_current_enco
     assert all(p.grad is None for p in model.retriever.parameters())
 
 
+def test_warmup_reads_the_source_block_then_the_top_searched_docs_without_it(cfg, data, model):
+    """train.reader_warmup_k > 1 with the source block: block 0 is the source, the others are the index's top
+    k - 1 with the source excluded (even though the warm-up allows retrieving it), then the null doc."""
+    model.eval()
+    batch = _batch_with_distinct_sources(data)
+    live = fresh_index(model, data, cfg, 1, 0)
+    out = model(batch, data, live, K, train_retriever=False, exclude_source=False, docs=batch.source[:, None])
+    assert out.doc_ids[:, 0].tolist() == batch.source.tolist() and (out.doc_ids[:, -1] == -1).all()
+    with torch.no_grad():
+        q = model.retriever.query(batch.query_ids, batch.query_mask)
+    _, expected = live.search(q, K - 1, batch.source)
+    assert out.doc_ids[:, 1:K].tolist() == expected.tolist()
+    assert all(src not in row for src, row in zip(batch.source.tolist(), out.doc_ids[:, 1:].tolist()))
+
+
+def test_per_doc_loss_trains_the_reader_on_every_doc_and_the_marginal_by_posterior(cfg, data, model):
+    """train.warmup_loss: REALM's marginal hands each doc's reader log-likelihood the doc's posterior as its
+    gradient weight (~0 on docs that do not hold the span); per_doc hands every doc (null doc included) 1/K."""
+    batch = _batch_with_distinct_sources(data)
+    live = fresh_index(model, data, cfg, 1, 0)
+    out = model(batch, data, live, K, train_retriever=False)
+    B, Kn = out.reader_logprob.shape
+    (g_marginal,) = torch.autograd.grad(out.loss(), out.reader_logprob, retain_graph=True)
+    posterior = torch.softmax(torch.log_softmax(out.scores.float(), 1) + out.reader_logprob, 1)
+    torch.testing.assert_close(g_marginal, -posterior.detach() / B, atol=1e-6, rtol=1e-5)
+    (g_per_doc,) = torch.autograd.grad(out.loss(per_doc=True), out.reader_logprob)
+    torch.testing.assert_close(g_per_doc, torch.full((B, Kn), -1.0 / (B * Kn)))
+    torch.testing.assert_close(out.loss(per_doc=True), -out.reader_logprob.mean())
+
+
 def test_closed_book_uses_only_the_null_doc(cfg, data):
     cb_cfg = replace(cfg, retrieval=replace(cfg.retrieval, enabled=False))
     torch.manual_seed(0)
