@@ -40,13 +40,25 @@ def _contains(doc: np.ndarray, span: np.ndarray) -> bool:
     return n > 0 and any(np.array_equal(doc[i:i + n], span) for i in np.flatnonzero(doc == span[0]))
 
 
-def span_in_top_k(model: Realm, data: PretrainData, index: LiveIndex, k: int, batch_size: int = 64) -> float:
-    """Share of held-out masked examples whose span (its tokens, in order) occurs in one of the top k documents
-    (title or text; the source excluded): what a reader could copy. Needs no gold annotation, so it measures
-    retrieval on any corpus."""
-    hits = [any(_contains(data.blocks.tokens(d)[1:], e.sentence.ids[e.span[0]:e.span[1]]) for d in row)
+def spans_in_top_k(model: Realm, data: PretrainData, index: LiveIndex, k: int, batch_size: int = 64) -> list[bool]:
+    """Per held-out masked example: whether its span (its tokens, in order) occurs in one of the top k documents
+    (title or text; the source excluded), i.e. whether a reader could copy it."""
+    return [any(_contains(data.blocks.tokens(d)[1:], e.sentence.ids[e.span[0]:e.span[1]]) for d in row)
             for e, row in _retrieved(model, data, index, k, batch_size)]
+
+
+def span_in_top_k(model: Realm, data: PretrainData, index: LiveIndex, k: int, batch_size: int = 64) -> float:
+    """Share of held-out masked examples whose span a top-k document holds (spans_in_top_k). Needs no gold
+    annotation, so it measures retrieval on any corpus."""
+    hits = spans_in_top_k(model, data, index, k, batch_size)
     return sum(hits) / len(hits) if hits else float("nan")
+
+
+def per_token(data: PretrainData, per_example: list[bool], batch_size: int = 64) -> torch.Tensor:
+    """An example-level flag repeated over the example's masked tokens, in mlm_token_hits' order (a span cut by
+    model.query_len counts only its kept tokens)."""
+    counts = [int(n) for _, batch in data.eval_batches(batch_size) for n in batch.target_mask.sum(1).tolist()]
+    return torch.tensor([f for f, n in zip(per_example, counts, strict=True) for _ in range(n)], dtype=torch.bool)
 
 
 @torch.no_grad()

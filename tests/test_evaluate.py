@@ -5,7 +5,8 @@ import torch
 
 from realm_hpc.config import apply_overrides
 from realm_hpc.data.examples import PretrainData
-from realm_hpc.evaluate import mlm_accuracy, mlm_token_hits, paired_sign_test, span_in_top_k
+from realm_hpc.evaluate import (mlm_accuracy, mlm_token_hits, paired_sign_test, per_token, span_in_top_k,
+                                spans_in_top_k)
 from realm_hpc.models.realm import Realm
 from realm_hpc.recipes import get_recipe
 from realm_hpc.train import fresh_index
@@ -61,6 +62,12 @@ def test_mlm_token_hits_pair_up_token_by_token_and_give_the_accuracy(setup):
     assert torch.equal(hits, mlm_token_hits(model, data, index, 2, batch_size=7))
     assert mlm_accuracy(model, data, index, 2) == pytest.approx(hits.float().mean().item())
     assert mlm_token_hits(model, data, None, 0).shape == hits.shape
+    # Example flags spread over each example's masked tokens line up with the hits.
+    reach = spans_in_top_k(model, data, index, 2)
+    flags = per_token(data, reach)
+    assert flags.shape == hits.shape and len(reach) == len(data.eval)
+    assert span_in_top_k(model, data, index, 2) == pytest.approx(sum(reach) / len(reach))
+    assert int(flags.sum()) == sum(e.span[1] - e.span[0] for e, r in zip(data.eval, reach) if r)
 
 
 @pytest.mark.parametrize("only_a, only_b, both, p", [

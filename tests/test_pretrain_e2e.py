@@ -24,7 +24,9 @@ SUMMARY_KEYS = {"recipe", "steps", "corpus_docs", "k", "recall_at_8_start", "rec
                 "mlm_acc_closed_book", "ict_steps", "index_versions",
                 "max_staleness_steps", "trainer_wait_s", "refresh_mode", "eval_examples", "wall_s",
                 "trainer_wait_share", "eval_examples_with_gold", "mlm_eval_tokens", "mlm_only_retrieval_right",
-                "mlm_only_closed_book_right", "mlm_vs_closed_book_p"}
+                "mlm_only_closed_book_right", "mlm_vs_closed_book_p", "mlm_acc_retrieval_span_in_top_8",
+                "mlm_acc_retrieval_span_not_in_top_8", "mlm_acc_closed_book_span_in_top_8",
+                "mlm_acc_closed_book_span_not_in_top_8", "mlm_tokens_span_in_top_8"}
 ROW_KEYS = {"step", "phase", "loss", "lr", "index_version", "staleness", "wait_s"}
 
 
@@ -65,6 +67,13 @@ def test_summary_has_the_documented_keys(summary):
     gap = (summary["mlm_only_retrieval_right"] - summary["mlm_only_closed_book_right"]) / n
     assert summary["mlm_acc_retrieval"] - summary["mlm_acc_closed_book"] == pytest.approx(gap, abs=1e-9)
     assert 0.0 < summary["mlm_vs_closed_book_p"] <= 1.0
+    # The split by whether a final top-8 doc holds the span recombines into each model's accuracy.
+    n_in = summary["mlm_tokens_span_in_top_8"]
+    assert 0 < n_in < n
+    for who in ("retrieval", "closed_book"):
+        split = (summary[f"mlm_acc_{who}_span_in_top_8"] * n_in
+                 + summary[f"mlm_acc_{who}_span_not_in_top_8"] * (n - n_in)) / n
+        assert split == pytest.approx(summary[f"mlm_acc_{who}"], abs=1e-6)
     assert 0.0 <= summary["trainer_wait_share"] <= 1.0
     assert summary["max_staleness_steps"] <= REFRESH_EVERY
 
