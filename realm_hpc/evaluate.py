@@ -77,10 +77,14 @@ def mlm_token_hits(model: Realm, data: PretrainData, index: LiveIndex | None, k:
     return torch.cat(hits) if hits else torch.zeros(0, dtype=torch.bool)
 
 
+def accuracy(hits: torch.Tensor) -> float:
+    """The share of True in mlm_token_hits (or a slice of them); nan when empty."""
+    return hits.float().mean().item() if len(hits) else float("nan")
+
+
 def mlm_accuracy(model: Realm, data: PretrainData, index: LiveIndex | None, k: int, batch_size: int = 32) -> float:
     """Exact-token accuracy of argmax_v p(v|x), marginalised over the retrieved docs, on held-out spans."""
-    hits = mlm_token_hits(model, data, index, k, batch_size)
-    return hits.float().mean().item() if len(hits) else float("nan")
+    return accuracy(mlm_token_hits(model, data, index, k, batch_size))
 
 
 def paired_sign_test(a: torch.Tensor, b: torch.Tensor) -> tuple[int, int, float]:

@@ -67,7 +67,7 @@ def wiki() -> Config:
     MiniLM ships no MLM head, so the reader's heads start fresh: they get 20x the body's learning rate, the reader
     has the copy head, and it warms up on each query's own block (every masked span is there to copy; measured:
     the per-example loss falls from ~25 to ~5 nats in 100 such steps, and does not move in 80 steps on the top-1
-    retrieved doc alone, which holds the span a third of the time) and, beside it, on the top-1 retrieved doc and
+    retrieved doc alone, which holds the span a third of the time) and, beside it, on the top-2 retrieved docs and
     the null doc, each with its own loss (`train.warmup_loss=per_doc`): where a doc lacks the span the reader learns
     to fall back on the vocabulary instead of copying a wrong token. REALM's trivial-retrieval exclusion holds after.
 
@@ -89,12 +89,12 @@ def wiki() -> Config:
     cfg.retrieval.k = 4
     cfg.optim.lr, cfg.optim.head_lr_scale, cfg.optim.retriever_lr_scale, cfg.optim.warmup_steps = 1e-4, 20.0, 0.2, 20
     cfg.ict.steps, cfg.ict.batch_size, cfg.ict.lr, cfg.ict.eval_every = 0, 32, 2e-5, 50
-    cfg.train.steps, cfg.train.batch_size = 220, 8
+    cfg.train.steps, cfg.train.batch_size = 205, 8
     cfg.train.reader_warmup_steps, cfg.train.warmup_source_block = 120, True
-    # The warm-up reads the source block and the top-1 retrieved doc (+ the null doc), each trained on its own: the
-    # reader learns to copy and, where the doc lacks the span, to fall back on the vocabulary (README, wiki).
-    cfg.train.reader_warmup_k, cfg.train.warmup_loss = 2, "per_doc"
-    cfg.train.eval_every, cfg.train.checkpoint_every, cfg.train.log_every = 220, 100, 10
+    # The warm-up reads the source block and the top-2 retrieved docs (+ the null doc), each trained on its own: the
+    # reader learns to copy and, where a doc lacks the span, to fall back on the vocabulary (README, wiki).
+    cfg.train.reader_warmup_k, cfg.train.warmup_loss = 3, "per_doc"
+    cfg.train.eval_every, cfg.train.checkpoint_every, cfg.train.log_every = 205, 100, 10
     # One re-encode of the corpus is ~4 min on 2 CPU threads: a short CPU run keeps its first index.
     cfg.refresh.every, cfg.refresh.batch_size = 1000, 64
     cfg.eval.closed_book_baseline = True

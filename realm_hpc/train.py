@@ -21,8 +21,8 @@ from realm_hpc.config import Config
 from realm_hpc.data.examples import Batch, PretrainData
 from realm_hpc.device import group_device
 from realm_hpc.dist import TrainerGroup, barrier, broadcast_from_trainer0, mean_over_trainers, print0
-from realm_hpc.evaluate import (mlm_accuracy, mlm_token_hits, paired_sign_test, per_token, recall_at_k, span_in_top_k,
-                                spans_in_top_k)
+from realm_hpc.evaluate import (accuracy, mlm_accuracy, mlm_token_hits, paired_sign_test, per_token, recall_at_k,
+                                span_in_top_k, spans_in_top_k)
 from realm_hpc.metrics import MetricsLogger, plot_curves
 from realm_hpc.models.realm import Realm
 from realm_hpc.optim import build_optimizer, make_stepper, micro_batch_size
@@ -62,10 +62,6 @@ def batch_rows(batch: Batch, a: int, b: int) -> Batch:
     """Rows [a, b) of a batch: a trainer's micro batch of the global one."""
     return Batch(batch.query_ids[a:b], batch.query_mask[a:b], batch.x_tokens[a:b], batch.positions[a:b],
                  batch.targets[a:b], batch.target_mask[a:b], batch.source[a:b])
-
-
-def _mean(hits: torch.Tensor) -> float:
-    return hits.float().mean().item() if len(hits) else float("nan")
 
 
 class Pretrainer:
@@ -311,7 +307,7 @@ class Pretrainer:
         never_trained = cfg.train.steps <= cfg.train.reader_warmup_steps + cfg.train.retriever_freeze_steps
         final = live if never_trained else fresh_index(model, data, cfg, live.version + 1, st.step, self.group)
         recall, hits = recall_at_k(model, data, final, k), mlm_token_hits(model, data, final, k, cfg.eval.batch_size)
-        mlm = _mean(hits)
+        mlm = accuracy(hits)
         reach = spans_in_top_k(model, data, final, k)
         in_reach = per_token(data, reach)  # the held-out tokens whose span a final top-k doc holds
         where = {"index_version": live.version} if final is live else {"fresh_index": 1}  # a fresh one is no version
@@ -323,10 +319,10 @@ class Pretrainer:
             f"recall_at_{k}": recall,
             f"chance_recall_at_{k}": data.chance_recall(k),
             f"span_in_top_{k}_start": st.span_in_top_k_start,
-            f"span_in_top_{k}": _mean(torch.tensor(reach, dtype=torch.bool)),
+            f"span_in_top_{k}": accuracy(torch.tensor(reach, dtype=torch.bool)),
             "mlm_acc_retrieval": mlm,
-            f"mlm_acc_retrieval_span_in_top_{k}": _mean(hits[in_reach]),
-            f"mlm_acc_retrieval_span_not_in_top_{k}": _mean(hits[~in_reach]),
+            f"mlm_acc_retrieval_span_in_top_{k}": accuracy(hits[in_reach]),
+            f"mlm_acc_retrieval_span_not_in_top_{k}": accuracy(hits[~in_reach]),
             "ict_steps": st.ict_steps,
             "index_versions": st.index_versions,
             "max_staleness_steps": st.max_staleness,
@@ -343,9 +339,9 @@ class Pretrainer:
             cb_hits = self.closed_book_baseline()
             only_r, only_cb, p = paired_sign_test(hits, cb_hits)
             # Same held-out tokens for both: the paired counts and McNemar's exact p say whether the gap is noise.
-            summary.update({"mlm_acc_closed_book": _mean(cb_hits),
-                            f"mlm_acc_closed_book_span_in_top_{k}": _mean(cb_hits[in_reach]),
-                            f"mlm_acc_closed_book_span_not_in_top_{k}": _mean(cb_hits[~in_reach]),
+            summary.update({"mlm_acc_closed_book": accuracy(cb_hits),
+                            f"mlm_acc_closed_book_span_in_top_{k}": accuracy(cb_hits[in_reach]),
+                            f"mlm_acc_closed_book_span_not_in_top_{k}": accuracy(cb_hits[~in_reach]),
                             "mlm_eval_tokens": len(hits), f"mlm_tokens_span_in_top_{k}": int(in_reach.sum()),
                             "mlm_only_retrieval_right": only_r, "mlm_only_closed_book_right": only_cb,
                             "mlm_vs_closed_book_p": p})
@@ -365,7 +361,7 @@ class Pretrainer:
         opt, sched = build_optimizer(model, cb_cfg, 0.0)
         for step in tqdm(range(cfg.train.steps), desc="closed-book", leave=False):
             batch = self.data.train_batch(step, cfg.train.batch_size, cfg.train.seed).to(self.device)
-            loss = -model(batch, self.data, None, 0, train_retriever=False).log_marginal.mean()
+            loss = model(batch, self.data, None, 0, train_retriever=False).loss()
             opt.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
