@@ -349,7 +349,7 @@ def cmd_evaluate(args) -> None:
 
         print(format_summary(evaluate_run(args.run, args.qa)))
         return
-    from realm_hpc.evaluate import mlm_accuracy, recall_at_k, span_in_top_k
+    from realm_hpc.evaluate import mlm_accuracy, retrieval_metrics, share
     from realm_hpc.train import fresh_index
 
     from realm_hpc.device import trainer_device
@@ -358,9 +358,10 @@ def cmd_evaluate(args) -> None:
     model.to(trainer_device(cfg.train.device))  # where the run evaluated itself: the numbers of its summary
     k = cfg.retrieval.k
     index = fresh_index(model, data, cfg, 0, 0)
-    result = {f"recall_at_{k}": recall_at_k(model, data, index, k),
+    recall, reach = retrieval_metrics(model, data, index, k)
+    result = {f"recall_at_{k}": recall,
               f"chance_recall_at_{k}": data.chance_recall(k),
-              f"span_in_top_{k}": span_in_top_k(model, data, index, k),
+              f"span_in_top_{k}": share(reach),
               "mlm_acc_retrieval": mlm_accuracy(model, data, index, k, cfg.eval.batch_size),
               "eval_examples": len(data.eval)}
     atomic_write_json(Path(args.run) / "eval.json", result)

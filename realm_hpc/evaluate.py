@@ -29,10 +29,19 @@ def _retrieved(model: Realm, data: PretrainData, index: LiveIndex, k: int, batch
         model.train(was)
 
 
+def _gold_recall(retrieved) -> float:
+    hits = [bool(set(row) & set(e.gold)) for e, row in retrieved if e.gold]
+    return sum(hits) / len(hits) if hits else float("nan")
+
+
+def _span_hits(data: PretrainData, retrieved) -> list[bool]:
+    return [any(_contains(data.blocks.tokens(d)[1:], e.sentence.ids[e.span[0]:e.span[1]]) for d in row)
+            for e, row in retrieved]
+
+
 def recall_at_k(model: Realm, data: PretrainData, index: LiveIndex, k: int, batch_size: int = 64) -> float:
     """Share of held-out masked examples whose gold document (never the excluded source) is in the top k."""
-    hits = [bool(set(row) & set(e.gold)) for e, row in _retrieved(model, data, index, k, batch_size) if e.gold]
-    return sum(hits) / len(hits) if hits else float("nan")
+    return _gold_recall(_retrieved(model, data, index, k, batch_size))
 
 
 def _contains(doc: np.ndarray, span: np.ndarray) -> bool:
@@ -42,16 +51,16 @@ def _contains(doc: np.ndarray, span: np.ndarray) -> bool:
 
 def spans_in_top_k(model: Realm, data: PretrainData, index: LiveIndex, k: int, batch_size: int = 64) -> list[bool]:
     """Per held-out masked example: whether its span (its tokens, in order) occurs in one of the top k documents
-    (title or text; the source excluded), i.e. whether a reader could copy it."""
-    return [any(_contains(data.blocks.tokens(d)[1:], e.sentence.ids[e.span[0]:e.span[1]]) for d in row)
-            for e, row in _retrieved(model, data, index, k, batch_size)]
+    (title or text; the source excluded), i.e. whether a reader could copy it. Needs no gold annotation, so it
+    measures retrieval on any corpus."""
+    return _span_hits(data, _retrieved(model, data, index, k, batch_size))
 
 
-def span_in_top_k(model: Realm, data: PretrainData, index: LiveIndex, k: int, batch_size: int = 64) -> float:
-    """Share of held-out masked examples whose span a top-k document holds (spans_in_top_k). Needs no gold
-    annotation, so it measures retrieval on any corpus."""
-    hits = spans_in_top_k(model, data, index, k, batch_size)
-    return sum(hits) / len(hits) if hits else float("nan")
+def retrieval_metrics(model: Realm, data: PretrainData, index: LiveIndex, k: int,
+                      batch_size: int = 64) -> tuple[float, list[bool]]:
+    """(recall_at_k, spans_in_top_k) from one encoding and search of the held-out queries."""
+    retrieved = list(_retrieved(model, data, index, k, batch_size))
+    return _gold_recall(retrieved), _span_hits(data, retrieved)
 
 
 def per_token(data: PretrainData, per_example: list[bool], batch_size: int = 64) -> torch.Tensor:
@@ -77,14 +86,14 @@ def mlm_token_hits(model: Realm, data: PretrainData, index: LiveIndex | None, k:
     return torch.cat(hits) if hits else torch.zeros(0, dtype=torch.bool)
 
 
-def accuracy(hits: torch.Tensor) -> float:
-    """The share of True in mlm_token_hits (or a slice of them); nan when empty."""
-    return hits.float().mean().item() if len(hits) else float("nan")
+def share(flags: list[bool] | torch.Tensor) -> float:
+    """The share of True in hits or flags (mlm_token_hits, spans_in_top_k, or a slice of them); nan when empty."""
+    return torch.as_tensor(flags, dtype=torch.bool).float().mean().item() if len(flags) else float("nan")
 
 
 def mlm_accuracy(model: Realm, data: PretrainData, index: LiveIndex | None, k: int, batch_size: int = 32) -> float:
     """Exact-token accuracy of argmax_v p(v|x), marginalised over the retrieved docs, on held-out spans."""
-    return accuracy(mlm_token_hits(model, data, index, k, batch_size))
+    return share(mlm_token_hits(model, data, index, k, batch_size))
 
 
 def paired_sign_test(a: torch.Tensor, b: torch.Tensor) -> tuple[int, int, float]:

@@ -21,8 +21,8 @@ from realm_hpc.config import Config
 from realm_hpc.data.examples import Batch, PretrainData
 from realm_hpc.device import group_device
 from realm_hpc.dist import TrainerGroup, barrier, broadcast_from_trainer0, mean_over_trainers, print0
-from realm_hpc.evaluate import (accuracy, mlm_accuracy, mlm_token_hits, paired_sign_test, per_token, recall_at_k,
-                                span_in_top_k, spans_in_top_k)
+from realm_hpc.evaluate import (mlm_accuracy, mlm_token_hits, paired_sign_test, per_token, recall_at_k,
+                                retrieval_metrics, share)
 from realm_hpc.metrics import MetricsLogger, plot_curves
 from realm_hpc.models.realm import Realm
 from realm_hpc.optim import build_optimizer, make_stepper, micro_batch_size
@@ -123,8 +123,8 @@ class Pretrainer:
         cfg, data, model, state = self.cfg, self.data, self.model, self.state
         k = cfg.retrieval.k
         start = self.start_index()
-        state.recall_at_k_start = recall_at_k(model, data, start, k)
-        state.span_in_top_k_start = span_in_top_k(model, data, start, k)
+        state.recall_at_k_start, reach = retrieval_metrics(model, data, start, k)
+        state.span_in_top_k_start = share(reach)
         print0(f"recall@{k} at start: {state.recall_at_k_start:.3f} (chance {data.chance_recall(k):.3f}); "
                f"masked span in a top-{k} doc: {state.span_in_top_k_start:.3f}")
         self.log.log(0, phase="ict", recall_at_k=state.recall_at_k_start)
@@ -306,9 +306,9 @@ class Pretrainer:
         # train.retriever_freeze_steps cover the run) still has the weights the live index was built from.
         never_trained = cfg.train.steps <= cfg.train.reader_warmup_steps + cfg.train.retriever_freeze_steps
         final = live if never_trained else fresh_index(model, data, cfg, live.version + 1, st.step, self.group)
-        recall, hits = recall_at_k(model, data, final, k), mlm_token_hits(model, data, final, k, cfg.eval.batch_size)
-        mlm = accuracy(hits)
-        reach = spans_in_top_k(model, data, final, k)
+        recall, reach = retrieval_metrics(model, data, final, k)
+        hits = mlm_token_hits(model, data, final, k, cfg.eval.batch_size)
+        mlm = share(hits)
         in_reach = per_token(data, reach)  # the held-out tokens whose span a final top-k doc holds
         where = {"index_version": live.version} if final is live else {"fresh_index": 1}  # a fresh one is no version
         self.log.log(self._global_step(), phase="realm", recall_at_k=recall, mlm_acc=mlm, **where)
@@ -319,10 +319,10 @@ class Pretrainer:
             f"recall_at_{k}": recall,
             f"chance_recall_at_{k}": data.chance_recall(k),
             f"span_in_top_{k}_start": st.span_in_top_k_start,
-            f"span_in_top_{k}": accuracy(torch.tensor(reach, dtype=torch.bool)),
+            f"span_in_top_{k}": share(reach),
             "mlm_acc_retrieval": mlm,
-            f"mlm_acc_retrieval_span_in_top_{k}": accuracy(hits[in_reach]),
-            f"mlm_acc_retrieval_span_not_in_top_{k}": accuracy(hits[~in_reach]),
+            f"mlm_acc_retrieval_span_in_top_{k}": share(hits[in_reach]),
+            f"mlm_acc_retrieval_span_not_in_top_{k}": share(hits[~in_reach]),
             "ict_steps": st.ict_steps,
             "index_versions": st.index_versions,
             "max_staleness_steps": st.max_staleness,
@@ -339,9 +339,9 @@ class Pretrainer:
             cb_hits = self.closed_book_baseline()
             only_r, only_cb, p = paired_sign_test(hits, cb_hits)
             # Same held-out tokens for both: the paired counts and McNemar's exact p say whether the gap is noise.
-            summary.update({"mlm_acc_closed_book": accuracy(cb_hits),
-                            f"mlm_acc_closed_book_span_in_top_{k}": accuracy(cb_hits[in_reach]),
-                            f"mlm_acc_closed_book_span_not_in_top_{k}": accuracy(cb_hits[~in_reach]),
+            summary.update({"mlm_acc_closed_book": share(cb_hits),
+                            f"mlm_acc_closed_book_span_in_top_{k}": share(cb_hits[in_reach]),
+                            f"mlm_acc_closed_book_span_not_in_top_{k}": share(cb_hits[~in_reach]),
                             "mlm_eval_tokens": len(hits), f"mlm_tokens_span_in_top_{k}": int(in_reach.sum()),
                             "mlm_only_retrieval_right": only_r, "mlm_only_closed_book_right": only_cb,
                             "mlm_vs_closed_book_p": p})

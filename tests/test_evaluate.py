@@ -5,8 +5,8 @@ import torch
 
 from realm_hpc.config import apply_overrides
 from realm_hpc.data.examples import PretrainData
-from realm_hpc.evaluate import (mlm_accuracy, mlm_token_hits, paired_sign_test, per_token, span_in_top_k,
-                                spans_in_top_k)
+from realm_hpc.evaluate import (mlm_accuracy, mlm_token_hits, paired_sign_test, per_token, recall_at_k,
+                                retrieval_metrics, share, spans_in_top_k)
 from realm_hpc.models.realm import Realm
 from realm_hpc.recipes import get_recipe
 from realm_hpc.train import fresh_index
@@ -30,7 +30,7 @@ def _holds(data, doc: int, span) -> bool:
 def test_span_in_top_k_matches_a_brute_force_and_grows_with_k(setup):
     cfg, data, model, index = setup
     n_docs = len(data.blocks)
-    shares = {k: span_in_top_k(model, data, index, k) for k in (1, 4, n_docs - 1)}
+    shares = {k: share(spans_in_top_k(model, data, index, k)) for k in (1, 4, n_docs - 1)}
     assert shares[1] <= shares[4] <= shares[n_docs - 1]
     # All documents but the source: the share of spans that occur anywhere else in the corpus.
     anywhere = [any(_holds(data, d, e.sentence.ids[e.span[0]:e.span[1]]) for d in range(n_docs) if d != e.source)
@@ -39,7 +39,7 @@ def test_span_in_top_k_matches_a_brute_force_and_grows_with_k(setup):
     # The held-out facts are stated elsewhere in the world (their gold documents): most spans occur somewhere.
     assert shares[n_docs - 1] > 0.5
     with torch.no_grad():
-        q = model.eval().retriever.query(*next(iter(_queries(data))))  # eval mode, as span_in_top_k encodes
+        q = model.eval().retriever.query(*next(iter(_queries(data))))  # eval mode, as spans_in_top_k encodes
     assert q.shape[0] == len(data.eval)
     _, top = index.search(q, 4, torch.tensor([e.source for e in data.eval]))
     brute = [any(_holds(data, d, e.sentence.ids[e.span[0]:e.span[1]]) for d in row)
@@ -66,7 +66,9 @@ def test_mlm_token_hits_pair_up_token_by_token_and_give_the_accuracy(setup):
     reach = spans_in_top_k(model, data, index, 2)
     flags = per_token(data, reach)
     assert flags.shape == hits.shape and len(reach) == len(data.eval)
-    assert span_in_top_k(model, data, index, 2) == pytest.approx(sum(reach) / len(reach))
+    assert share(reach) == pytest.approx(sum(reach) / len(reach))
+    # One search gives both retrieval metrics, the same as the two functions on their own.
+    assert retrieval_metrics(model, data, index, 2) == (recall_at_k(model, data, index, 2), reach)
     assert int(flags.sum()) == sum(e.span[1] - e.span[0] for e, r in zip(data.eval, reach) if r)
 
 
