@@ -180,7 +180,8 @@ def _leave_trainer_group() -> None:
 def cmd_pretrain(args) -> None:
     import torch
 
-    from realm_hpc.dist import init_trainer_group, launched_by_mpi, mpi_roles, print0, trainer_comm
+    from realm_hpc.dist import (init_trainer_group, launched_by_mpi, mpi_roles, print0, spawn_would_wait_forever,
+                                 trainer_comm)
     from realm_hpc.train import Pretrainer
 
     cfg = resolve_config(args)
@@ -200,7 +201,12 @@ def cmd_pretrain(args) -> None:
         group = init_trainer_group(sub, force=bool(cfg.train.deepspeed), device=cfg.train.device)
         from realm_hpc.retrieval.refresh import MPIRefresher, RefresherSpawner, TrainerBroadcastRefresher
 
-        spawner = RefresherSpawner(sub, roles.n_refreshers) if cfg.refresh.respawn else None
+        respawn = cfg.refresh.respawn
+        if respawn and (why := spawn_would_wait_forever()):
+            print0(f"warning: refresh.respawn off: {why}; a lost refresher leaves the last index "
+                   "(export SLURM_OVERLAP=1 before srun to allow replacements)", file=sys.stderr)
+            respawn = False
+        spawner = RefresherSpawner(sub, roles.n_refreshers) if respawn else None
 
         def factory(data):
             inner = None

@@ -42,6 +42,18 @@ def launched_by_mpi() -> bool:
     return any(v in os.environ for v in ("PMI_RANK", "PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "PMIX_RANK"))
 
 
+def spawn_would_wait_forever(env=None) -> str | None:
+    """Why MPI_Comm_spawn would never return in this launch, else None. Under srun (or an mpiexec whose proxies
+    srun started) a spawned process is a new job step, and a new step waits for CPUs that the running step holds,
+    unless steps may overlap: SLURM_OVERLAP in the environment, as slurm/pretrain.sbatch exports it. (srun's
+    `--overlap` flag alone does not reach the tasks' environment, so it cannot be seen from here.)"""
+    env = os.environ if env is None else env
+    if "SLURM_STEP_ID" not in env or "SLURM_OVERLAP" in env:
+        return None
+    return (f"this is Slurm job step {env.get('SLURM_JOB_ID', '?')}.{env['SLURM_STEP_ID']} without SLURM_OVERLAP, "
+            "so a replacement refresher (a new job step) would wait forever for the CPUs this step holds")
+
+
 def mpi_roles(n_refreshers: int):
     """(Roles, COMM_WORLD) for an MPI launch. Importing mpi4py initialises MPI, so only MPI runs pay for it."""
     from mpi4py import MPI

@@ -78,6 +78,7 @@ class SlurmCluster:
         self.conf = self.root / "slurm.conf"
         self.env = dict(os.environ, SLURM_CONF=str(self.conf))
         self._lock = None
+        self.first_job_id = 1000 + (os.getpid() * 1009 + time.time_ns() // 1000) % 60_000_000
         self._started_munge = False
 
     def config_text(self) -> str:
@@ -99,6 +100,10 @@ class SlurmCluster:
             "AuthInfo=cred_expire=10", "SchedulerParameters=sched_interval=1",
             # A job that ignores SIGTERM is SIGKILLed after KillWait seconds (default 30).
             "KillWait=10",
+            # mpich names its shared-memory segment after the PMI job (job id.step id): a step killed by a signal
+            # leaves /dev/shm/mpich_shm_* behind, and a later cluster that counted from job 1 again would attach
+            # to it and fail in MPI_Init. So each cluster counts from its own first id.
+            f"FirstJobId={self.first_job_id}",
             f"NodeName=localhost CPUs={self.cpus} Sockets=1 CoresPerSocket={self.cpus} ThreadsPerCore=1 "
             "RealMemory=2000 State=UNKNOWN",
             "PartitionName=debug Nodes=localhost Default=YES MaxTime=INFINITE State=UP",

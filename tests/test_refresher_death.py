@@ -93,7 +93,7 @@ def test_failed_spawn_is_one_line_and_no_replacement(capsys):
     MPI = pytest.importorskip("mpi4py.MPI")
     from realm_hpc.retrieval.refresh import RefresherSpawner
 
-    class NoSpawnComm:  # what a launcher without dynamic processes (e.g. srun) answers
+    class NoSpawnComm:  # what a launcher without dynamic processes answers
         def Get_rank(self):
             return 0
 
@@ -103,3 +103,15 @@ def test_failed_spawn_is_one_line_and_no_replacement(capsys):
     assert RefresherSpawner(NoSpawnComm(), 1).spawn() is None
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "no replacement refresher" in err[0] and "last index" in err[0], err
+
+
+def test_respawn_under_srun_needs_steps_that_may_overlap():
+    """Under srun MPI_Comm_spawn starts a new job step, which waits for the CPUs the running step holds unless steps
+    may overlap: without SLURM_OVERLAP the CLI turns respawn off (tested against a real Slurm in test_slurm.py)."""
+    from realm_hpc.dist import spawn_would_wait_forever
+
+    assert spawn_would_wait_forever({}) is None  # mpiexec / torchrun outside Slurm
+    assert spawn_would_wait_forever({"SLURM_JOB_ID": "7"}) is None  # the batch shell, outside any job step
+    why = spawn_would_wait_forever({"SLURM_JOB_ID": "7", "SLURM_STEP_ID": "0"})
+    assert why is not None and "7.0" in why and "SLURM_OVERLAP" in why
+    assert spawn_would_wait_forever({"SLURM_JOB_ID": "7", "SLURM_STEP_ID": "0", "SLURM_OVERLAP": "1"}) is None

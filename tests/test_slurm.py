@@ -8,6 +8,7 @@ Anything missing skips the module with the reason (run pytest with -rs, the defa
 import json
 import math
 import os
+import signal
 import sys
 import time
 from pathlib import Path
@@ -57,13 +58,13 @@ def cluster(tmp_path_factory):
     c.stop()
 
 
-def _submit(cluster, tmp_path, run_dir, steps):
+def _submit(cluster, tmp_path, run_dir, steps, extra=()):
     env = {"RECIPE": "tiny", "RUN_DIR": str(run_dir), "REFRESHERS": "1", "REALM_HPC_HOME": str(ROOT),
            "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
            "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu", "HF_HUB_OFFLINE": "1", "TQDM_DISABLE": "1"}
     env = {**{k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}, **env}
     # cwd = tmp_path: the log (%x-%j.out) lands in the submit directory.
-    return cluster.sbatch(SCRIPT, ["--steps", str(steps), *SMALL], env=env, cwd=tmp_path)
+    return cluster.sbatch(SCRIPT, ["--steps", str(steps), *SMALL, *extra], env=env, cwd=tmp_path)
 
 
 def _log(tmp_path, job_id, name="realm-pretrain") -> str:
@@ -92,6 +93,51 @@ def test_pretrain_sbatch_one_trainer_one_refresher(cluster, tmp_path):
     assert all(math.isfinite(v) for v in losses.values())
     assert "srun --mpi=pmi2 --ntasks=2" in log and "--refreshers 1" in log
     assert "--resume" not in log  # a fresh run dir
+
+
+def _task_pids(job_id: str, procid: int) -> list[int]:
+    """The realm-hpc processes of task `procid` in the job's first step."""
+    want = {f"SLURM_JOB_ID={job_id}".encode(), b"SLURM_STEP_ID=0", f"SLURM_PROCID={procid}".encode()}
+    pids = []
+    for p in Path("/proc").iterdir():
+        try:
+            env = set((p / "environ").read_bytes().split(b"\0")) if p.name.isdigit() else set()
+            cmd = (p / "cmdline").read_bytes() if want <= env else b""
+        except OSError:  # gone, or not ours to read
+            continue
+        if b"realm" in cmd and cmd.startswith(sys.executable.encode()):
+            pids.append(int(p.name))
+    return pids
+
+
+def test_killed_refresher_is_replaced_and_the_job_completes(cluster, tmp_path):
+    """kill -9 of the refresher task: the trainer goes on with the last index, spawns a replacement (a new job step
+    that may share the step's CPUs: the script exports SLURM_OVERLAP), index versions rise again, and the job ends
+    COMPLETED although srun reports the killed task."""
+    run_dir, steps = tmp_path / "run", 40
+    job = _submit(cluster, tmp_path, run_dir, steps,
+                  ["--set", "refresh.every=3", "--set", "refresh.timeout_s=3"])
+    deadline = time.monotonic() + JOB_TIMEOUT_S
+    while not ((run_dir / "metrics.jsonl").exists()
+               and any(r.get("index_version", 0) >= 2 for r in read_metrics(run_dir))):
+        assert cluster.job(job)["JobState"] not in DONE, _log(tmp_path, job)[-3000:]
+        assert time.monotonic() < deadline, f"no second index version in {JOB_TIMEOUT_S} s"
+        time.sleep(0.2)
+    refresher = _task_pids(job, 1)
+    assert len(refresher) == 1, refresher
+    os.kill(refresher[0], signal.SIGKILL)
+    info = cluster.wait_state(job, DONE, JOB_TIMEOUT_S)
+    log = _log(tmp_path, job)
+    assert (info["JobState"], info["ExitCode"]) == ("COMPLETED", "0:0"), log[-3000:]
+    assert "but the trainers finished the run" in log and "refresh.respawn off" not in log
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["steps"] == steps
+    rows = [r for r in read_metrics(run_dir) if "index_version" in r]
+    lost = [r for r in rows if r.get("refresher_lost")]
+    assert len(lost) == 1 and lost[0].get("refresher_respawned") == 1, lost
+    frozen = lost[0]["index_version"]
+    versions = [r["index_version"] for r in rows if r["step"] >= lost[0]["step"]]
+    assert versions == sorted(versions) and versions[-1] >= frozen + 2, versions  # the replacement's refreshes
 
 
 def test_preempted_job_checkpoints_requeues_and_resumes(cluster, tmp_path):

@@ -302,8 +302,9 @@ def serve_refresher(comm, trainer: int, shard_index: int, n_shards: int, make_en
 
 class RefresherSpawner:
     """Starts `count` replacement refreshers, collectively over the trainers' communicator (MPI_Comm_spawn of
-    `python -m realm_hpc refresher`); ../shared/FACTS.md: works with mpich's hydra and Open MPI, while a launcher
-    without dynamic processes (e.g. srun) fails the call, and training then goes on with the last index."""
+    `python -m realm_hpc refresher`); ../shared/FACTS.md: works with mpich's hydra and Open MPI, and under srun when
+    job steps may overlap (the CLI turns respawn off otherwise: `dist.spawn_would_wait_forever`). A launcher that
+    refuses the call gets one warning line, and training goes on with the last index."""
 
     def __init__(self, comm, count: int, argv: tuple[str, ...] = ("-m", "realm_hpc", "refresher")):
         self.comm, self.count, self.argv = comm, count, list(argv)
