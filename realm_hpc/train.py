@@ -224,8 +224,9 @@ class Pretrainer:
                     if event.shards:  # [first row, end row, docs/s] per refresher
                         row.update(refresh_shards=event.shards)
                 if event.lost:
-                    print0(f"warning: step {step}: no refresher answered for refresh.timeout_s="
-                           f"{cfg.refresh.timeout_s:g} s; training goes on with index v{live.version}, staleness grows")
+                    print0(f"warning: step {step}: refresher lost (MPI reported a dead rank, or none answered within "
+                           f"refresh.timeout_s={cfg.refresh.timeout_s:g} s); training goes on with index "
+                           f"v{live.version}, staleness grows")
                     row.update(refresher_lost=1)
                 if event.respawned:
                     print0(f"step {step}: started {event.respawned} replacement refresher(s) (MPI_Comm_spawn); "

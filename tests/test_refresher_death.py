@@ -115,3 +115,16 @@ def test_respawn_under_srun_needs_steps_that_may_overlap():
     why = spawn_would_wait_forever({"SLURM_JOB_ID": "7", "SLURM_STEP_ID": "0"})
     assert why is not None and "7.0" in why and "SLURM_OVERLAP" in why
     assert spawn_would_wait_forever({"SLURM_JOB_ID": "7", "SLURM_STEP_ID": "0", "SLURM_OVERLAP": "1"}) is None
+
+
+def test_only_ulfm_failure_classes_count_as_a_dead_rank():
+    """mpich has no ULFM classes (mpi4py maps their names to ERR_UNKNOWN): no error of it reads as a dead rank, so
+    the comm thread surfaces it instead of hiding it as a lost refresher. Open MPI's are tested in test_openmpi.py."""
+    MPI = pytest.importorskip("mpi4py.MPI")
+    from realm_hpc.retrieval.refresh import rank_failed
+
+    assert not rank_failed(RuntimeError("not MPI"))
+    assert not rank_failed(MPI.Exception(MPI.ERR_UNKNOWN))
+    assert not rank_failed(MPI.Exception(MPI.ERR_TRUNCATE))
+    if MPI.ERR_PROC_FAILED != MPI.ERR_UNKNOWN:  # an MPI library with ULFM
+        assert rank_failed(MPI.Exception(MPI.ERR_PROC_FAILED))

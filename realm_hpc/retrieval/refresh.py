@@ -59,6 +59,17 @@ class _Abandoned(Exception):
     """The refreshers this comm thread waits on were given up for lost."""
 
 
+def rank_failed(e: BaseException) -> bool:
+    """Whether MPI reported a dead process: ULFM's classes (Open MPI under `mpiexec --with-ft ulfm`). mpich reports
+    none (a dead rank is found by refresh.timeout_s instead); mpi4py then maps these names to ERR_UNKNOWN."""
+    from mpi4py import MPI
+
+    if not isinstance(e, MPI.Exception):
+        return False
+    classes = {getattr(MPI, n, MPI.ERR_UNKNOWN) for n in ("ERR_PROC_FAILED", "ERR_PROC_FAILED_PENDING", "ERR_REVOKED")}
+    return e.Get_error_class() in classes - {MPI.ERR_UNKNOWN}
+
+
 def _wait(request, abandon: threading.Event | None = None) -> None:
     while not request.Test():
         if abandon is not None and abandon.is_set():
@@ -115,7 +126,8 @@ class MPIRefresher:
     def __init__(self, comm, refreshers: list[int], n_docs: int, dim: int, every: int, run_dir: str,
                  timeout_s: float = 0.0, spawner: RefresherSpawner | None = None):
         self.n_docs, self.dim, self.every, self.run_dir = n_docs, dim, every, str(run_dir)
-        # mpich reports no error for a dead rank: a refresh in flight for longer than this means it is gone.
+        # mpich reports no error for a dead rank: a refresh in flight for longer than this means it is gone (with
+        # ULFM the comm thread hears of it from MPI at once: `_failed`).
         self.timeout_s, self.lost, self._sent_at = timeout_s, False, 0.0
         self._orphans: list = []  # requests (and their buffers) still pending on abandoned refreshers: kept alive
         self.spawner = spawner  # None: a lost refresher is not replaced
@@ -130,13 +142,15 @@ class MPIRefresher:
         self.comm, self.refreshers = comm, list(refreshers)
         self._todo: queue.Queue = queue.Queue()
         self._abandon = threading.Event()
+        self._failed = threading.Event()  # MPI reported a dead refresher (rank_failed) to this set's comm thread
         self._done: IndexSnapshot | None = None
         self._done_stats = np.zeros((len(self.refreshers), 4))
         self._busy = False
         self._ready_at: float | None = None  # when every refresher had built its encoder
         for r in self.refreshers:
             comm.send(self.run_dir, dest=r, tag=TAG_READY)
-        self._thread = threading.Thread(target=self._serve, args=(comm, self.refreshers, self._todo, self._abandon),
+        self._thread = threading.Thread(target=self._serve,
+                                        args=(comm, self.refreshers, self._todo, self._abandon, self._failed),
                                         name="refresh-comm", daemon=True)
         self._thread.start()
 
@@ -165,10 +179,16 @@ class MPIRefresher:
         return done
 
     def check_lost(self) -> bool:
-        """True once per set of refreshers, at the first boundary where the refresh in flight is older than timeout_s
-        (plus STARTUP_S while they have not answered TAG_READY). The trainers keep their last index (its staleness
-        grows) and send nothing more, unless `replace` hands them new refreshers."""
-        if self.lost or not self._busy or self.timeout_s <= 0:
+        """True once per set of refreshers, at the first boundary where MPI has reported one of them dead, or where
+        the refresh in flight is older than timeout_s (plus STARTUP_S while they have not answered TAG_READY). The
+        trainers keep their last index (its staleness grows) and send nothing more, unless `replace` hands them new
+        refreshers."""
+        if self.lost:
+            return False
+        if self._failed.is_set():
+            self.lost, self.losses = True, self.losses + 1
+            return True
+        if not self._busy or self.timeout_s <= 0:
             return False
         ready_at = self._ready_at
         limit = self.timeout_s + (0.0 if ready_at is not None else STARTUP_S)
@@ -216,7 +236,8 @@ class MPIRefresher:
         self._busy, self.last_sent, self._sent_at = True, step, time.perf_counter()
         return True
 
-    def _serve(self, comm, refreshers: list[int], todo: queue.Queue, abandon: threading.Event) -> None:
+    def _serve(self, comm, refreshers: list[int], todo: queue.Queue, abandon: threading.Event,
+               failed: threading.Event) -> None:
         pending: list = []  # what MPI may still touch: kept referenced if these refreshers are abandoned
         try:
             pending = [comm.irecv(source=r, tag=TAG_READY) for r in refreshers]
@@ -250,8 +271,12 @@ class MPIRefresher:
                         self._done_stats = stats
         except _Abandoned:
             self._orphans.append(pending)
-        except BaseException as e:  # surfaced to the training loop at the next step boundary
-            self._error = e
+        except BaseException as e:
+            if rank_failed(e):  # a refresher died: the next boundary declares this set lost
+                self._orphans.append(pending)
+                failed.set()
+            else:  # surfaced to the training loop at the next step boundary
+                self._error = e
 
     def close(self, timeout_s: float = 60.0) -> None:
         """Let an in-flight refresh land (bounded), then stop the refreshers."""
