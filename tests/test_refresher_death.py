@@ -35,7 +35,8 @@ def _descendants(pid: int) -> list[int]:
     return out
 
 
-def _world_rank(pid: int) -> int | None:
+def _world_rank(pid: int, var: str = "PMI_RANK") -> int | None:
+    """The MPI world rank of a realm_hpc process of ours, from the launcher's variable in its environment."""
     try:
         env = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
         cmd = Path(f"/proc/{pid}/cmdline").read_bytes()
@@ -43,8 +44,41 @@ def _world_rank(pid: int) -> int | None:
         return None
     if b"realm_hpc" not in cmd or not cmd.startswith(sys.executable.encode()):
         return None
-    ranks = [e.split(b"=", 1)[1] for e in env if e.startswith(b"PMI_RANK=")]
+    ranks = [e.split(b"=", 1)[1] for e in env if e.startswith(f"{var}=".encode())]
     return int(ranks[0]) if ranks else None
+
+
+def run_and_kill_refresher(argv: list, cwd: Path, env: dict, out: Path, is_refresher) -> tuple[int, str]:
+    """Launch `argv`; once the run in `out` has index version 2, SIGKILL the one process among the launcher's
+    descendants that `is_refresher(pid)` picks, and let the rest finish. Returns (exit status, stdout + stderr)."""
+    launcher = subprocess.Popen([str(c) for c in argv], cwd=cwd, env=env, stdout=subprocess.PIPE,
+                                stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.time() + TIMEOUT_S
+        while not any(r["index_version"] >= 2 for r in _rows_if_any(out)):
+            assert launcher.poll() is None, f"ended early:\n{launcher.stdout.read()[-3000:]}"
+            assert time.time() < deadline
+            time.sleep(0.2)
+        refresher = [p for p in _descendants(launcher.pid) if is_refresher(p)]
+        assert len(refresher) == 1, refresher
+        os.kill(refresher[0], signal.SIGKILL)
+        output, _ = launcher.communicate(timeout=TIMEOUT_S)
+    finally:
+        if launcher.poll() is None:
+            launcher.kill()
+            launcher.wait()
+    return launcher.returncode, output
+
+
+def check_replaced(rows: list[dict]) -> dict:
+    """The loss is logged once, a replacement is started at that step, and versions rise again after it (the
+    replacement's). Returns the loss's row."""
+    lost = [r for r in rows if r.get("refresher_lost")]
+    assert len(lost) == 1, "the loss of the refresher is logged once"
+    assert lost[0].get("refresher_respawned") == 1, "a replacement is started at the step the loss is noticed"
+    versions = [r["index_version"] for r in rows if r["step"] >= lost[0]["step"]]
+    assert versions == sorted(versions) and versions[-1] >= lost[0]["index_version"] + 2, versions
+    return lost[0]
 
 
 def test_training_survives_a_killed_refresher_and_respawns_it(tmp_path):
@@ -54,39 +88,20 @@ def test_training_survives_a_killed_refresher_and_respawns_it(tmp_path):
     cmd = " ".join(str(c) for c in [*REALM, "pretrain", "--out", out, "--steps", steps, "--refreshers", 1, *SMALL,
                                     "--set", "refresh.mode=mpi", "--set", "refresh.every=3",
                                     "--set", "refresh.timeout_s=3", "--set", "train.reader_warmup_steps=4"])
-    launcher = subprocess.Popen([str(MPIEXEC), "-disable-auto-cleanup", "-n", "2", "bash", "-c",
-                                 f'trap "" USR1; {cmd}; exit $?'], cwd=tmp_path, env=_env(),
-                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    try:
-        deadline = time.time() + TIMEOUT_S
-        while not any(r["index_version"] >= 2 for r in _rows_if_any(out)):
-            assert launcher.poll() is None, f"ended early:\n{launcher.stderr.read()[-3000:]}"
-            assert time.time() < deadline
-            time.sleep(0.2)
-        refresher = [p for p in _descendants(launcher.pid) if _world_rank(p) == 1]
-        assert len(refresher) == 1, refresher
-        os.kill(refresher[0], signal.SIGKILL)
-        stdout, stderr = launcher.communicate(timeout=TIMEOUT_S)
-    finally:
-        if launcher.poll() is None:
-            launcher.kill()
-            launcher.wait()
+    _, output = run_and_kill_refresher([MPIEXEC, "-disable-auto-cleanup", "-n", 2, "bash", "-c",
+                                        f'trap "" USR1; {cmd}; exit $?'], tmp_path, _env(), out,
+                                       lambda pid: _world_rank(pid) == 1)
     summary = json.loads((out / "summary.json").read_text())
     assert summary["steps"] == steps, summary  # the trainer finished its run
     rows = _rows_if_any(out)
-    lost = [r for r in rows if r.get("refresher_lost")]
-    assert len(lost) == 1, "the loss of the refresher is logged once"
-    assert lost[0].get("refresher_respawned") == 1, "a replacement is started at the step the loss is noticed"
-    frozen = lost[0]["index_version"]
-    after = [r for r in rows if r["step"] >= lost[0]["step"]]
-    # No new version for a while after the loss (the killed rank's refresh never lands): staleness grows...
-    stale = [r["staleness"] for r in after if r["index_version"] == frozen]
+    lost = check_replaced(rows)
+    frozen = lost["index_version"]
+    # No new version for a while after the loss (the killed rank's refresh never lands): staleness grows, then the
+    # replacement's versions come in (check_replaced).
+    stale = [r["staleness"] for r in rows if r["step"] >= lost["step"] and r["index_version"] == frozen]
     assert stale == sorted(stale) and stale[-1] > stale[0] and stale[-1] > 3
-    # ...then the replacement's versions come in and keep rising until the end of the run.
-    versions = [r["index_version"] for r in after]
-    assert versions == sorted(versions) and versions[-1] >= frozen + 2, versions
     assert summary["max_staleness_steps"] >= stale[-1]
-    assert "replacement refresher" in stderr + stdout
+    assert "replacement refresher" in output
 
 
 def test_failed_spawn_is_one_line_and_no_replacement(capsys):

@@ -19,6 +19,7 @@ from realm_hpc.checkpoint import load_checkpoint
 from realm_hpc.metrics import read_metrics
 from realm_hpc.preempt import EXIT_PREEMPTED
 from slurm_cluster import SlurmCluster, ensure_installed
+from test_refresher_death import check_replaced
 
 pytestmark = pytest.mark.slow
 
@@ -132,12 +133,7 @@ def test_killed_refresher_is_replaced_and_the_job_completes(cluster, tmp_path):
     assert "but the trainers finished the run" in log and "refresh.respawn off" not in log
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["steps"] == steps
-    rows = [r for r in read_metrics(run_dir) if "index_version" in r]
-    lost = [r for r in rows if r.get("refresher_lost")]
-    assert len(lost) == 1 and lost[0].get("refresher_respawned") == 1, lost
-    frozen = lost[0]["index_version"]
-    versions = [r["index_version"] for r in rows if r["step"] >= lost[0]["step"]]
-    assert versions == sorted(versions) and versions[-1] >= frozen + 2, versions  # the replacement's refreshes
+    check_replaced([r for r in read_metrics(run_dir) if "index_version" in r])
 
 
 def test_preempted_job_checkpoints_requeues_and_resumes(cluster, tmp_path):
