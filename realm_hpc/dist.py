@@ -44,10 +44,11 @@ def launched_by_mpi() -> bool:
 
 
 def spawn_would_wait_forever(env=None) -> str | None:
-    """Why MPI_Comm_spawn would never return in this launch, else None. Under srun (or an mpiexec whose proxies
-    srun started) a spawned process is a new job step, and a new step waits for CPUs that the running step holds,
-    unless steps may overlap: SLURM_OVERLAP in the environment, as slurm/pretrain.sbatch exports it. (srun's
-    `--overlap` flag alone does not reach the tasks' environment, so it cannot be seen from here.)"""
+    """Why MPI_Comm_spawn would never return in this launch, else None. Under srun a spawned process is a new job
+    step, and a new step waits for CPUs that the running step holds, unless steps may overlap: SLURM_OVERLAP in the
+    environment, as slurm/pretrain.sbatch exports it (srun's `--overlap` flag alone does not reach the tasks'
+    environment, so it cannot be seen from here). Any process inside a job step counts, an mpiexec's too
+    (untested there: it errs on the side of no respawn)."""
     env = os.environ if env is None else env
     if "SLURM_STEP_ID" not in env or "SLURM_OVERLAP" in env:
         return None
