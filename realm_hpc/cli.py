@@ -26,8 +26,9 @@ def _parser() -> argparse.ArgumentParser:
     pre.add_argument("--steps", type=int, help="REALM steps (overrides train.steps)")
     pre.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config field")
     pre.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")
-    pre.add_argument("--refreshers", type=int, default=1,
-                     help="with refresh.mode=mpi: the last M MPI ranks re-encode the corpus, a shard each")
+    pre.add_argument("--refreshers", type=int,
+                     help="the last M MPI ranks re-encode the corpus, a shard each (sets refresh.mode=mpi; "
+                          "default 1 when the recipe's refresh.mode is mpi)")
     pre.add_argument("--deepspeed-config", metavar="JSON",
                      help="DeepSpeed JSON for the trainers (e.g. configs/ds_zero2.json; sets train.deepspeed)")
 
@@ -138,7 +139,9 @@ def resolve_config(args) -> Config:
         cfg = get_recipe(args.recipe)
     if args.steps is not None:
         args.set = [*args.set, f"train.steps={args.steps}"]
-    return apply_overrides(cfg, [*args.set, *_deepspeed_override(args)])
+    # --refreshers asks for refresher ranks; an explicit --set refresh.mode=inline beside it is an error (cmd_pretrain)
+    implied = ["refresh.mode=mpi"] if getattr(args, "refreshers", None) is not None else []
+    return apply_overrides(cfg, [*implied, *args.set, *_deepspeed_override(args)])
 
 
 def _deepspeed_override(args) -> list[str]:
@@ -187,12 +190,16 @@ def cmd_pretrain(args) -> None:
     cfg = resolve_config(args)
     run_dir = Path(args.out)
     factory, roles, comm, made = None, None, None, []
+    if args.refreshers is not None and cfg.refresh.mode != "mpi":
+        raise ConfigError(f"--refreshers {args.refreshers} asks for refresher ranks, but refresh.mode="
+                          f"{cfg.refresh.mode}: drop one of them")
     if cfg.refresh.mode == "mpi":
         if not launched_by_mpi():
             raise ConfigError("refresh.mode=mpi needs an MPI launch: mpiexec -n 2 realm-hpc pretrain ...")
-        if args.refreshers < 1:
-            raise ConfigError("--refreshers must be >= 1 with refresh.mode=mpi")
-        roles, comm = mpi_roles(n_refreshers=args.refreshers)
+        n_refreshers = 1 if args.refreshers is None else args.refreshers
+        if n_refreshers < 1:
+            raise ConfigError("--refreshers must be >= 1 (for inline refresh: --set refresh.mode=inline)")
+        roles, comm = mpi_roles(n_refreshers=n_refreshers)
         sub = trainer_comm(comm, roles)
         if not roles.is_trainer:
             torch.set_num_threads(1)  # the trainers keep the cores; a refresher is busy only between swaps

@@ -74,6 +74,7 @@ class Pretrainer:
         self.cfg, self.run_dir, self.resume = cfg, Path(run_dir), resume
         self.refresher_factory = refresher_factory  # (data) -> refresher; None = inline
         self.group = group
+        micro_batch_size(cfg, group.size)  # a batch the trainers cannot split stops here, not after ICT
         self.device = group_device(group, cfg.train.device)
         self.t0 = time.perf_counter()
         self.untrained_index: LiveIndex | None = None  # set by ict() when ICT is off (see realm())

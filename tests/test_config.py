@@ -130,3 +130,30 @@ def test_cli_reports_an_unknown_recipe(tmp_path, capsys):
         main(["pretrain", "--recipe", "enormous", "--out", str(tmp_path / "run")])
     assert exit_.value.code == 2
     assert "'enormous'" in capsys.readouterr().err
+
+
+def test_refreshers_flag_sets_mpi_refresh_and_conflicts_with_inline(tmp_path, capsys, monkeypatch):
+    from realm_hpc.cli import main
+
+    for var in ("PMI_RANK", "PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "PMIX_RANK"):
+        monkeypatch.delenv(var, raising=False)  # a plain launch
+    run = tmp_path / "run"
+    # tiny refreshes inline; --refreshers asks for refresher ranks, i.e. refresh.mode=mpi, which needs mpiexec
+    with pytest.raises(SystemExit) as exit_:
+        main(["pretrain", "--recipe", "tiny", "--out", str(run), "--refreshers", "1"])
+    assert exit_.value.code == 2 and "refresh.mode=mpi needs an MPI launch" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_:
+        main(["pretrain", "--recipe", "tiny", "--out", str(run), "--refreshers", "2", "--set", "refresh.mode=inline"])
+    err = capsys.readouterr().err.strip()
+    assert exit_.value.code == 2 and "--refreshers 2" in err and "refresh.mode=inline" in err and "\n" not in err
+    assert not run.exists()
+
+
+def test_a_batch_the_trainers_cannot_split_stops_before_ict(tmp_path):
+    from realm_hpc.dist import TrainerGroup
+    from realm_hpc.train import Pretrainer
+
+    cfg = get_recipe("tiny")  # train.batch_size 16
+    with pytest.raises(ConfigError, match=r"train\.batch_size=16 is not divisible by trainers \(3\)"):
+        Pretrainer(cfg, tmp_path / "run", group=TrainerGroup(0, 3, "cpu"))
+    assert not (tmp_path / "run").exists()
