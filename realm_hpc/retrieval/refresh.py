@@ -59,17 +59,6 @@ class _Abandoned(Exception):
     """The refreshers this comm thread waits on were given up for lost."""
 
 
-def rank_failed(e: BaseException) -> bool:
-    """Whether MPI reported a dead process: ULFM's classes (Open MPI under `mpiexec --with-ft ulfm`). mpich reports
-    none (a dead rank is found by refresh.timeout_s instead); mpi4py then maps these names to ERR_UNKNOWN."""
-    from mpi4py import MPI
-
-    if not isinstance(e, MPI.Exception):
-        return False
-    classes = {getattr(MPI, n, MPI.ERR_UNKNOWN) for n in ("ERR_PROC_FAILED", "ERR_PROC_FAILED_PENDING", "ERR_REVOKED")}
-    return e.Get_error_class() in classes - {MPI.ERR_UNKNOWN}
-
-
 def _wait(request, abandon: threading.Event | None = None) -> None:
     while not request.Test():
         if abandon is not None and abandon.is_set():
@@ -126,8 +115,8 @@ class MPIRefresher:
     def __init__(self, comm, refreshers: list[int], n_docs: int, dim: int, every: int, run_dir: str,
                  timeout_s: float = 0.0, spawner: RefresherSpawner | None = None):
         self.n_docs, self.dim, self.every, self.run_dir = n_docs, dim, every, str(run_dir)
-        # mpich reports no error for a dead rank: a refresh in flight for longer than this means it is gone (with
-        # ULFM the comm thread hears of it from MPI at once: `_failed`).
+        # mpich reports no error for a dead rank: a refresh in flight for longer than this means it is gone (an
+        # MPI that reports it, e.g. Open MPI with ULFM, has the comm thread set `_failed` at once).
         self.timeout_s, self.lost, self._sent_at = timeout_s, False, 0.0
         self._orphans: list = []  # requests (and their buffers) still pending on abandoned refreshers: kept alive
         self.spawner = spawner  # None: a lost refresher is not replaced
@@ -142,7 +131,7 @@ class MPIRefresher:
         self.comm, self.refreshers = comm, list(refreshers)
         self._todo: queue.Queue = queue.Queue()
         self._abandon = threading.Event()
-        self._failed = threading.Event()  # MPI reported a dead refresher (rank_failed) to this set's comm thread
+        self._failed = threading.Event()  # MPI raised an error on this set's messages (e.g. a dead rank)
         self._done: IndexSnapshot | None = None
         self._done_stats = np.zeros((len(self.refreshers), 4))
         self._busy = False
@@ -272,7 +261,11 @@ class MPIRefresher:
         except _Abandoned:
             self._orphans.append(pending)
         except BaseException as e:
-            if rank_failed(e):  # a refresher died: the next boundary declares this set lost
+            from mpi4py import MPI
+
+            if isinstance(e, MPI.Exception):  # these refreshers cannot be talked to: the next boundary drops them
+                print(f"warning: MPI error talking to the refreshers ({e.Get_error_string()}); treating them as lost",
+                      file=sys.stderr, flush=True)
                 self._orphans.append(pending)
                 failed.set()
             else:  # surfaced to the training loop at the next step boundary
