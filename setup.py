@@ -12,6 +12,7 @@ setup(
         "numpy>=1.24",
         "transformers>=4.40",
         "tokenizers>=0.15",
+        "regex",  # DPR's has_answer tokenizer (\p{L}); transformers depends on it too
         "mpi4py>=3.1",
         "tqdm",
         "matplotlib",

@@ -12,9 +12,12 @@ import os
 import random
 import re
 import string
+import unicodedata
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable
+
+import regex
 
 from realm_hpc.data.corpus import CorpusFormatError, _lines, _snippet, atomic_file
 from realm_hpc.data.world import World
@@ -41,6 +44,29 @@ def normalize_answer(s: str) -> str:
 def exact_match(prediction: str, answers: Iterable[str]) -> bool:
     pred = normalize_answer(prediction)
     return any(pred == normalize_answer(a) for a in answers)
+
+
+# -- "a passage contains an answer" (DPR's has_answer, match_type="string") ------------------------------------------
+# DPR's SimpleTokenizer: runs of letters, digits and combining marks, or any other single non-space character.
+# After NFD an accented letter is a letter plus a combining mark, so "Gödel" stays one token.
+_DPR_TOKEN = regex.compile(r"[\p{L}\p{N}\p{M}]+|[^\p{Z}\p{C}]", regex.UNICODE)
+
+
+def dpr_tokens(text: str) -> list[str]:
+    """DPR's SimpleTokenizer words of `text`, NFD-normalised and lower-cased (its `words(uncased=True)`)."""
+    return [t.lower() for t in _DPR_TOKEN.findall(unicodedata.normalize("NFD", text))]
+
+
+def has_answer(text: str, answers: Iterable[str]) -> bool:
+    """DPR's rule for "this passage contains an answer": some answer's token sequence occurs in the passage's token
+    sequence (SimpleTokenizer, NFD, uncased; punctuation marks are tokens of their own, so "1,000" matches "1,000"
+    but not "1000", and "Paris" does not match inside "Parisian")."""
+    words = dpr_tokens(text)
+    for answer in answers:
+        a = dpr_tokens(answer)
+        if a and any(words[i:i + len(a)] == a for i in range(len(words) - len(a) + 1)):
+            return True
+    return False
 
 
 # -- readers -------------------------------------------------------------------------------------------------------

@@ -6,8 +6,8 @@ import re
 import pytest
 
 from realm_hpc.data.corpus import CorpusFormatError
-from realm_hpc.data.qa import (QUESTION_TEMPLATES, QAExample, exact_match, normalize_answer, read_qa, world_questions,
-                               write_qa_jsonl)
+from realm_hpc.data.qa import (QUESTION_TEMPLATES, QAExample, dpr_tokens, exact_match, has_answer, normalize_answer,
+                               read_qa, world_questions, write_qa_jsonl)
 from realm_hpc.data.world import build_world
 
 
@@ -33,6 +33,49 @@ def test_exact_match_any_gold():
     assert exact_match("m. kessler", ["M. Kessler"])
     assert not exact_match("Kavbrovos town", ["Kavbrovos"])
     assert not exact_match("", ["Kavbrovos"])
+
+
+# Lead sentences of English Wikipedia articles (CC BY-SA), with answers of every kind DPR's rule must see.
+GODEL = ("Kurt Friedrich Gödel (April 28, 1906 – January 14, 1978) was a logician, mathematician, and philosopher. "
+         "He was born in Brünn, Austria-Hungary (now Brno, Czech Republic).")
+APPLE = ("Apple Inc. is an American multinational technology company headquartered in Cupertino, California. "
+         "It had about 1,000 employees in 1980 and its first product sold for US$666.66.")
+SARTRE = "Jean-Paul Charles Aymard Sartre was a French philosopher, born in Paris; he lived in the U.S. briefly."
+
+
+@pytest.mark.parametrize("text, answer, expected", [
+    (GODEL, "Gödel", True),
+    (GODEL, "godel", False),  # DPR's rule keeps accents (NFD + combining marks stay in the token)
+    (GODEL, "Brünn, Austria-Hungary", True),
+    (GODEL, "April 28, 1906", True),
+    (GODEL, "Brno", True),
+    (GODEL, "Czech", True),
+    (GODEL, "Czech Republic.", False),  # "Republic)." : the period is not next to the answer's last word
+    (APPLE, "Cupertino, California", True),
+    (APPLE, "1,000", True),
+    (APPLE, "1000", False),  # punctuation marks are tokens: "1,000" is three
+    (APPLE, "666.66", True),
+    (APPLE, "Apple Inc.", True),
+    (APPLE, "apple inc", True),  # uncased
+    (SARTRE, "Jean-Paul", True),
+    (SARTRE, "Jean Paul", False),
+    (SARTRE, "U.S.", True),
+    (SARTRE, "Paris", True),
+    (SARTRE, "Pari", False),  # whole tokens only
+])
+def test_has_answer_dpr_rule(text, answer, expected):
+    assert has_answer(text, [answer]) is expected
+
+
+def test_has_answer_any_of_several_and_empty():
+    assert has_answer(APPLE, ["Palo Alto", "Cupertino"])
+    assert not has_answer(APPLE, ["Palo Alto"])
+    assert not has_answer(APPLE, ["", "  "])  # an empty answer never matches
+
+
+def test_dpr_tokens_split_punctuation_keep_accents():
+    assert dpr_tokens("Brünn, Austria-Hungary (now Brno)") == [
+        "bru\u0308nn", ",", "austria", "-", "hungary", "(", "now", "brno", ")"]
 
 
 def test_read_dpr_csv(tmp_path):
