@@ -43,6 +43,7 @@ from realm_hpc.models.encoders import Encoder, Retriever
 from realm_hpc.models.reader import Reader
 from realm_hpc.models.span_reader import SpanReader, qa_marginal_loss, span_log_softmax
 from realm_hpc.optim import make_stepper, micro_batch_size, step_plan, warmup_schedule
+from realm_hpc.runs import load_run
 
 
 class QAModel(nn.Module):
@@ -253,9 +254,7 @@ class Finetuner:
 
     # -- set-up ----------------------------------------------------------------------------------------------------
     def _pretrained_model(self):
-        from realm_hpc.cli import _load_run  # the one loader of a run's config, data and checkpoint
-
-        _, data, model = _load_run(self.cfg.qa.pretrained)
+        _, data, model = load_run(self.cfg.qa.pretrained)
         self.pre_data = data
         if self.cfg.qa.retriever_init == "random":  # the ablation: REALM pretraining never touched this retriever
             torch.manual_seed(self.cfg.qa.seed)

@@ -204,3 +204,13 @@ def plot_curves(run_dir: str | os.PathLike) -> Path:
     axes[-1].set_xlabel("step" + ("  (dashed: index refresh)" if refresh else ""))
     fig.tight_layout()
     return atomic_write(run_dir / CURVES_FILE, lambda f: fig.savefig(f, format="png", dpi=100))
+
+
+def format_summary(summary: dict) -> str:
+    """A run's summary.json as the aligned table `pretrain`, `finetune` and `evaluate` print."""
+    width = max(len(k) for k in summary)
+    lines = ["", "summary", "-" * (width + 14)]
+    for key, value in summary.items():
+        shown = f"{value:.4f}" if isinstance(value, float) else str(value)
+        lines.append(f"{key:<{width}}  {shown}")
+    return "\n".join(lines)

@@ -370,3 +370,23 @@ class Pretrainer:
             opt.step()
             sched.step()
         return mlm_token_hits(model, self.data, None, 0, cfg.eval.batch_size)
+
+
+def evaluate_run(run_dir: str | Path) -> dict:
+    """`realm-hpc evaluate --run DIR`: recall@k, the share of masked spans a top-k doc holds and MLM accuracy of a
+    pretraining run's checkpoint, on a fresh index of its doc encoder; written to DIR/eval.json."""
+    from realm_hpc.device import trainer_device
+    from realm_hpc.runs import load_run
+
+    cfg, data, model = load_run(run_dir)
+    model.to(trainer_device(cfg.train.device))  # where the run evaluated itself: the numbers of its summary
+    k = cfg.retrieval.k
+    index = fresh_index(model, data, cfg, 0, 0)
+    recall, reach = retrieval_metrics(model, data, index, k)
+    result = {f"recall_at_{k}": recall,
+              f"chance_recall_at_{k}": data.chance_recall(k),
+              f"span_in_top_{k}": share(reach),
+              "mlm_acc_retrieval": mlm_accuracy(model, data, index, k, cfg.eval.batch_size),
+              "eval_examples": len(data.eval)}
+    atomic_write_json(Path(run_dir) / "eval.json", result)
+    return result

@@ -75,11 +75,11 @@ def test_generated_questions_and_predictions(finetuned):
 def test_candidate_spans_cover_the_answer_on_the_subject_page(pretrained, finetuned):
     """The subject's own page states every fact about it: its candidate spans must contain the answer, and every
     candidate's normalised text must be what its tokens decode to."""
-    from realm_hpc.cli import _load_run
+    from realm_hpc.runs import load_run
     from realm_hpc.data.qa_inputs import QAInputs
 
     out, _ = finetuned
-    cfg, data, _ = _load_run(str(pretrained))
+    cfg, data, _ = load_run(str(pretrained))
     inputs = QAInputs(data.tokenizer, data.blocks, cfg.model.reader_len, cfg.model.query_len, max_span_len=5)
     page = {data.blocks.title(i): i for i in range(len(data.blocks))}
     questions = read_qa(out / "qa" / "dev.jsonl")[:40]

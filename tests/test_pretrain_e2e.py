@@ -141,22 +141,22 @@ def test_evaluate_reproduces_the_summary(run, summary, capsys):
 
 
 def test_build_index_matches_the_run_doc_encoder(run, summary, index_dir):
-    from realm_hpc.cli import _load_run
+    from realm_hpc.runs import load_run
     from realm_hpc.retrieval.index import encode_blocks
 
     meta = json.loads((index_dir / "meta.json").read_text())
     emb = np.load(index_dir / "embeddings.npy")
     assert emb.shape == (summary["corpus_docs"], meta["dim"]) == (meta["count"], meta["dim"])
     assert emb.dtype == np.float32
-    cfg, data, model = _load_run(str(run))
+    cfg, data, model = load_run(str(run))
     expected = encode_blocks(model.retriever.doc, data.blocks, cfg.refresh.batch_size).numpy()
     np.testing.assert_allclose(emb, expected, atol=1e-5)
 
 
 def test_retrieve_ranks_like_the_run_query_encoder(run, index_dir, capsys):
-    from realm_hpc.cli import _load_run
+    from realm_hpc.runs import load_run
 
-    cfg, data, model = _load_run(str(run))
+    cfg, data, model = load_run(str(run))
     question = data.train.text[0]
     capsys.readouterr()
     main(["retrieve", "--index", str(index_dir), "--k", "5", question])
