@@ -1,5 +1,6 @@
 """Held-out evaluation: recall@k of the gold document, the share of masked spans a retrieved document holds, and
-exact-token MLM accuracy on salient spans."""
+exact-token MLM accuracy on salient spans. Every function names the held-out split it reads ("dev" for anything a
+run decides on, "test" for the start and the end: PretrainData.heldout)."""
 
 from __future__ import annotations
 
@@ -14,13 +15,13 @@ from realm_hpc.retrieval.index import LiveIndex
 
 
 @torch.no_grad()
-def _retrieved(model: Realm, data: PretrainData, index: LiveIndex, k: int, batch_size: int):
-    """(held-out example, its top-k block ids, source excluded) for every held-out example, queries encoded in eval
-    mode. Every search is a collective on a sharded index: all trainers iterate to the end."""
+def _retrieved(model: Realm, data: PretrainData, index: LiveIndex, k: int, batch_size: int, split: str):
+    """(held-out example, its top-k block ids, source excluded) for every example of a held-out split, queries
+    encoded in eval mode. Every search is a collective on a sharded index: all trainers iterate to the end."""
     was = model.training
     model.eval()
     try:
-        for examples, batch in data.eval_batches(batch_size):
+        for examples, batch in data.eval_batches(split, batch_size):
             batch = batch.to(model.device)
             q = model.retriever.query(batch.query_ids, batch.query_mask)
             _, ids = index.search(q, k, batch.source)
@@ -39,9 +40,10 @@ def _span_hits(data: PretrainData, retrieved) -> list[bool]:
             for e, row in retrieved]
 
 
-def recall_at_k(model: Realm, data: PretrainData, index: LiveIndex, k: int, batch_size: int = 64) -> float:
+def recall_at_k(model: Realm, data: PretrainData, index: LiveIndex, k: int, *, split: str,
+                batch_size: int = 64) -> float:
     """Share of held-out masked examples whose gold document (never the excluded source) is in the top k."""
-    return _gold_recall(_retrieved(model, data, index, k, batch_size))
+    return _gold_recall(_retrieved(model, data, index, k, batch_size, split))
 
 
 def _contains(doc: np.ndarray, span: np.ndarray) -> bool:
@@ -49,36 +51,38 @@ def _contains(doc: np.ndarray, span: np.ndarray) -> bool:
     return n > 0 and any(np.array_equal(doc[i:i + n], span) for i in np.flatnonzero(doc == span[0]))
 
 
-def spans_in_top_k(model: Realm, data: PretrainData, index: LiveIndex, k: int, batch_size: int = 64) -> list[bool]:
+def spans_in_top_k(model: Realm, data: PretrainData, index: LiveIndex, k: int, *, split: str,
+                   batch_size: int = 64) -> list[bool]:
     """Per held-out masked example: whether its span (its tokens, in order) occurs in one of the top k documents
     (title or text; the source excluded), i.e. whether a reader could copy it. Needs no gold annotation, so it
     measures retrieval on any corpus."""
-    return _span_hits(data, _retrieved(model, data, index, k, batch_size))
+    return _span_hits(data, _retrieved(model, data, index, k, batch_size, split))
 
 
-def retrieval_metrics(model: Realm, data: PretrainData, index: LiveIndex, k: int,
+def retrieval_metrics(model: Realm, data: PretrainData, index: LiveIndex, k: int, *, split: str,
                       batch_size: int = 64) -> tuple[float, list[bool]]:
     """(recall_at_k, spans_in_top_k) from one encoding and search of the held-out queries."""
-    retrieved = list(_retrieved(model, data, index, k, batch_size))
+    retrieved = list(_retrieved(model, data, index, k, batch_size, split))
     return _gold_recall(retrieved), _span_hits(data, retrieved)
 
 
-def per_token(data: PretrainData, per_example: list[bool], batch_size: int = 64) -> torch.Tensor:
+def per_token(data: PretrainData, per_example: list[bool], *, split: str, batch_size: int = 64) -> torch.Tensor:
     """An example-level flag repeated over the example's masked tokens, in mlm_token_hits' order (a span cut by
     model.query_len counts only its kept tokens)."""
-    counts = [int(n) for _, batch in data.eval_batches(batch_size) for n in batch.target_mask.sum(1).tolist()]
+    counts = [int(n) for _, batch in data.eval_batches(split, batch_size)
+              for n in batch.target_mask.sum(1).tolist()]
     return torch.tensor([f for f, n in zip(per_example, counts, strict=True) for _ in range(n)], dtype=torch.bool)
 
 
 @torch.no_grad()
-def mlm_token_hits(model: Realm, data: PretrainData, index: LiveIndex | None, k: int,
+def mlm_token_hits(model: Realm, data: PretrainData, index: LiveIndex | None, k: int, *, split: str,
                    batch_size: int = 32) -> torch.Tensor:
     """Whether argmax_v p(v|x), marginalised over the retrieved docs, is the masked token: one bool per held-out
     masked token, always in the same order, so two models' hits pair up token by token (paired_sign_test)."""
     was = model.training
     model.eval()
     hits = []
-    for _, batch in data.eval_batches(batch_size):
+    for _, batch in data.eval_batches(split, batch_size):
         batch = batch.to(model.device)
         pred = model.predict_tokens(model(batch, data, index, k, train_retriever=False))
         hits.append((pred == batch.targets)[batch.target_mask.bool()].cpu())
@@ -91,9 +95,24 @@ def share(flags: list[bool] | torch.Tensor) -> float:
     return torch.as_tensor(flags, dtype=torch.bool).float().mean().item() if len(flags) else float("nan")
 
 
-def mlm_accuracy(model: Realm, data: PretrainData, index: LiveIndex | None, k: int, batch_size: int = 32) -> float:
+def mlm_accuracy(model: Realm, data: PretrainData, index: LiveIndex | None, k: int, *, split: str,
+                 batch_size: int = 32) -> float:
     """Exact-token accuracy of argmax_v p(v|x), marginalised over the retrieved docs, on held-out spans."""
-    return share(mlm_token_hits(model, data, index, k, batch_size))
+    return share(mlm_token_hits(model, data, index, k, split=split, batch_size=batch_size))
+
+
+def heldout_metrics(model: Realm, data: PretrainData, index: LiveIndex, k: int, batch_size: int = 32) -> dict:
+    """`realm-hpc evaluate --run`: a checkpoint's recall@k, chance recall, span-in-top-k and MLM accuracy on each
+    held-out split, keyed as in the run's summary.json (test_..., dev_...)."""
+    out = {}
+    for split in ("test", "dev"):
+        recall, reach = retrieval_metrics(model, data, index, k, split=split)
+        out.update({f"{split}_recall_at_{k}": recall, f"{split}_chance_recall_at_{k}": data.chance_recall(k, split),
+                    f"{split}_span_in_top_{k}": share(reach),
+                    f"{split}_mlm_acc_retrieval": mlm_accuracy(model, data, index, k, split=split,
+                                                               batch_size=batch_size),
+                    f"{split}_examples": len(data.heldout(split))})
+    return out
 
 
 def paired_sign_test(a: torch.Tensor, b: torch.Tensor) -> tuple[int, int, float]:
