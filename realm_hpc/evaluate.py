@@ -1,17 +1,24 @@
 """Held-out evaluation: recall@k of the gold document, the share of masked spans a retrieved document holds, and
 exact-token MLM accuracy on salient spans. Every function names the held-out split it reads ("dev" for anything a
-run decides on, "test" for the start and the end: PretrainData.heldout)."""
+run decides on, "test" for the start and the end: PretrainData.heldout).
+
+Retrievers compared on a QA file (compare_retrievers): DPR's top-k retrieval accuracy and gold recall@k of index
+directories, dense or BM25, side by side; no reader involved."""
 
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import numpy as np
 import torch
 
+from realm_hpc.checkpoint import atomic_write_json
 from realm_hpc.data.examples import PretrainData
+from realm_hpc.data.qa import QAExample, has_answer, read_qa
 from realm_hpc.models.realm import Realm
 from realm_hpc.retrieval.index import LiveIndex
+from realm_hpc.retrieval.store import open_index
 
 
 @torch.no_grad()
@@ -101,6 +108,15 @@ def mlm_accuracy(model: Realm, data: PretrainData, index: LiveIndex | None, k: i
     return share(mlm_token_hits(model, data, index, k, split=split, batch_size=batch_size))
 
 
+def paired_sign_test(a: torch.Tensor, b: torch.Tensor) -> tuple[int, int, float]:
+    """McNemar's exact test on two models' paired hits: (tokens only a gets right, tokens only b gets right, the
+    two-sided p-value of that split if a and b were equally accurate: a fair-coin binomial tail)."""
+    only_a, only_b = int((a & ~b).sum()), int((~a & b).sum())
+    n = only_a + only_b
+    tail = sum(math.comb(n, i) for i in range(min(only_a, only_b) + 1)) / 2 ** n
+    return only_a, only_b, min(1.0, 2 * tail)
+
+
 def heldout_metrics(model: Realm, data: PretrainData, index: LiveIndex, k: int, batch_size: int = 32) -> dict:
     """`realm-hpc evaluate --run`: a checkpoint's recall@k, chance recall, span-in-top-k and MLM accuracy on each
     held-out split, keyed as in the run's summary.json (test_..., dev_...)."""
@@ -115,10 +131,64 @@ def heldout_metrics(model: Realm, data: PretrainData, index: LiveIndex, k: int, 
     return out
 
 
-def paired_sign_test(a: torch.Tensor, b: torch.Tensor) -> tuple[int, int, float]:
-    """McNemar's exact test on two models' paired hits: (tokens only a gets right, tokens only b gets right, the
-    two-sided p-value of that split if a and b were equally accurate: a fair-coin binomial tail)."""
-    only_a, only_b = int((a & ~b).sum()), int((~a & b).sum())
-    n = only_a + only_b
-    tail = sum(math.comb(n, i) for i in range(min(only_a, only_b) + 1)) / 2 ** n
-    return only_a, only_b, min(1.0, 2 * tail)
+# -- retrievers compared on a QA file (realm-hpc evaluate --qa FILE --index DIR ...) -------------------------------
+RETRIEVAL_KS = (1, 5, 20, 100)  # DPR's table
+
+
+def retrieval_accuracy(index, examples: list[QAExample], ks: tuple[int, ...] = RETRIEVAL_KS,
+                       batch_size: int = 64) -> dict:
+    """One row of the comparison for an index directory (store.open_index): DPR's top-k retrieval accuracy (some
+    top-k passage's text contains an answer, data.qa.has_answer) and, over the questions that name gold passages,
+    gold recall@k (a gold passage id is in the top k). One search of depth max(ks) per question; a k beyond the
+    index's size reads all of it."""
+    depth = min(max(ks), len(index))
+    first_answer, first_gold = [], []  # per question: the rank of its first hit (depth = none in the top depth)
+    for a in range(0, len(examples), batch_size):
+        chunk = examples[a:a + batch_size]
+        _, rows = index.search_rows([e.question for e in chunk], depth)
+        for e, row in zip(chunk, rows.tolist()):
+            first_answer.append(next((r for r, i in enumerate(row) if has_answer(index.text(i), e.answers)), depth))
+            if e.gold_ids:
+                gold = set(e.gold_ids)
+                first_gold.append(next((r for r, i in enumerate(row) if index.doc_ids[i] in gold), depth))
+    wanted = {g for e in examples for g in e.gold_ids}
+    present = {index.doc_ids[i] for i in range(len(index))} & wanted if wanted else set()
+    n = len(examples)
+    out = {"index": str(index.path), "backend": index.meta["backend"], "docs": len(index), "questions": n,
+           "questions_with_gold": len(first_gold),
+           # a gold id the index lacks can never be found: said here rather than hidden in a low recall
+           "questions_gold_not_in_index": sum(1 for e in examples if e.gold_ids and not set(e.gold_ids) & present)}
+    out.update({f"top_{k}_accuracy": sum(r < k for r in first_answer) / n for k in ks})
+    out.update({f"gold_recall_at_{k}": sum(r < k for r in first_gold) / len(first_gold) if first_gold else None
+                for k in ks})
+    return out
+
+
+def retrieval_table(rows: list[dict], ks: tuple[int, ...] = RETRIEVAL_KS) -> str:
+    """The rows side by side as a Markdown table (n/a: no question names a gold passage)."""
+    head = ["index", "backend", "docs", "questions", *(f"top-{k} acc" for k in ks), *(f"gold R@{k}" for k in ks)]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in rows:
+        cells = [r["index"], r["backend"], str(r["docs"]), str(r["questions"])]
+        cells += [f"{r[f'top_{k}_accuracy']:.3f}" for k in ks]
+        cells += ["n/a" if r[f"gold_recall_at_{k}"] is None else f"{r[f'gold_recall_at_{k}']:.3f}" for k in ks]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def compare_retrievers(qa_file: str | Path, index_dirs: list[str | Path], out: str | Path,
+                       ks: tuple[int, ...] = RETRIEVAL_KS) -> tuple[list[dict], str]:
+    """`realm-hpc evaluate --qa FILE --index DIR [--index DIR ...]`: every index on the same questions, no reader.
+    Writes the rows to the JSON file ``out`` (atomically); returns them and their Markdown table."""
+    examples = read_qa(qa_file)  # every line checked before any index is opened
+    indexes = [open_index(d) for d in index_dirs]  # every index checked before any search
+    for index in indexes:
+        index.require_texts()
+    rows = [retrieval_accuracy(index, examples, ks) for index in indexes]
+    atomic_write_json(Path(out), {"qa_file": str(qa_file), "questions": len(examples), "ks": list(ks),
+                                  "top_k_accuracy": "DPR's: some top-k passage's text contains an answer "
+                                                    "(realm_hpc.data.qa.has_answer)",
+                                  "gold_recall_at_k": "a gold passage id (gold_id / positive_ctxs) is in the top k, "
+                                                      "over the questions that name one",
+                                  "rows": rows})
+    return rows, retrieval_table(rows, ks)
