@@ -152,7 +152,8 @@ def retrieval_accuracy(index, examples: list[QAExample], ks: tuple[int, ...] = R
                 gold = set(e.gold_ids)
                 first_gold.append(next((r for r, i in enumerate(row) if index.doc_ids[i] in gold), depth))
     wanted = {g for e in examples for g in e.gold_ids}
-    present = {index.doc_ids[i] for i in range(len(index))} & wanted if wanted else set()
+    # one pass over the stored ids, keeping only the wanted ones (no set of every passage id)
+    present = {d for d in map(index.doc_ids.__getitem__, range(len(index))) if d in wanted} if wanted else set()
     n = len(examples)
     out = {"index": str(index.path), "backend": index.meta["backend"], "docs": len(index), "questions": n,
            "questions_with_gold": len(first_gold),

@@ -45,8 +45,8 @@ def finetuned(pretrained, tmp_path_factory):
     with pytest.MonkeyPatch.context() as mp:
         for name in ("evaluate_open_book", "evaluate_closed_book"):
             real = getattr(finetune, name)
-            mp.setattr(finetune, name, lambda model, ctx, examples, *a, _real=real, _n=name, **kw:
-                       EVENTS.append((_n, tuple(e.question for e in examples))) or _real(model, ctx, examples, *a, **kw))
+            mp.setattr(finetune, name, lambda model, ctx, examples, *a, _real=real, _n=name, **kw: EVENTS.append(
+                (_n, tuple(e.question for e in examples))) or _real(model, ctx, examples, *a, **kw))
         for name in ("train", "train_closed_book"):
             real = getattr(finetune.Finetuner, name)
             mp.setattr(finetune.Finetuner, name, lambda self, *a, _real=real, _n=name, **kw:

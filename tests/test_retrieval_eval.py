@@ -257,3 +257,16 @@ def test_build_index_of_a_run_keeps_its_texts_and_bm25_reads_its_corpus(tiny_run
         assert [index.doc_ids[i] for i in range(len(index))] == [data.blocks.doc_id(i) for i in range(len(index))]
     with torch.no_grad():
         assert open_index(tmp_path / "dense").search(["who was born in 1890"], 3)[0][0][0] in {d.id for d in data.docs}
+
+
+def test_a_gold_id_the_index_lacks_is_counted_not_hidden(bm25_dir, tmp_path):
+    from realm_hpc.evaluate import compare_retrievers
+
+    qa = tmp_path / "qa.jsonl"
+    qa.write_text("\n".join(json.dumps(o, ensure_ascii=False) for o in [
+        {"question": "who designed the statue of liberty", "answers": ["Bartholdi"], "gold_id": "Statue of Liberty"},
+        {"question": "how tall is mount everest", "answers": ["8,848.86 m"], "gold_id": "Mount Everest (2020)"}]))
+    (row,), table = compare_retrievers(qa, [bm25_dir], tmp_path / "out.json")
+    assert row["questions_with_gold"] == 2 and row["questions_gold_not_in_index"] == 1
+    assert row["gold_recall_at_100"] == 0.5 and row["top_1_accuracy"] == 1.0
+    assert json.loads((tmp_path / "out.json").read_text())["rows"] == [row]

@@ -130,7 +130,8 @@ def _gold_ids(path: Path, lineno: int, obj: dict) -> tuple[str, ...]:
     else:
         return ()
     if not all(isinstance(i, (str, int)) and not isinstance(i, bool) for i in ids):
-        raise CorpusFormatError(path, lineno, f"gold passage ids must be strings or integers, got {_snippet(repr(ids))}")
+        raise CorpusFormatError(path, lineno,
+                                f"gold passage ids must be strings or integers, got {_snippet(repr(ids))}")
     return tuple(str(i).strip() for i in ids)
 
 
