@@ -13,6 +13,7 @@ setup(
         "transformers>=4.40",
         "tokenizers>=0.15",
         "regex",  # DPR's has_answer tokenizer (\p{L}); transformers depends on it too
+        "bm25s",  # the BM25 baseline index (build-index --backend bm25); needs only numpy
         "mpi4py>=3.1",
         "tqdm",
         "matplotlib",

@@ -47,20 +47,26 @@ def _parser() -> argparse.ArgumentParser:
     ft.add_argument("--deepspeed-config", metavar="JSON",
                     help="DeepSpeed JSON for the trainers (sets train.deepspeed; several trainers default to ZeRO-2)")
 
-    ev = sub.add_parser("evaluate", help="recall@k and MLM accuracy of a run's checkpoint; with --qa: Open-QA EM")
-    ev.add_argument("--run", required=True)
-    ev.add_argument("--qa", help="a .qa.csv/.jsonl file: exact match and recall@k of a fine-tuned run")
+    ev = sub.add_parser("evaluate", help="recall@k and MLM accuracy of a run's checkpoint (test and dev); with --qa: "
+                                         "Open-QA EM of a fine-tuned run, or retrievers compared (--index)")
+    ev.add_argument("--run", help="a pretraining run, or with --qa a fine-tuned run")
+    ev.add_argument("--qa", help="a .qa.csv/.jsonl file: exact match and recall@k of a fine-tuned run (--run), or "
+                                 "top-k retrieval accuracy of indexes (--index)")
+    ev.add_argument("--index", action="append", default=[], metavar="INDEX_DIR",
+                    help="with --qa: an index directory (dense or bm25), repeatable; one table row each, no reader")
+    ev.add_argument("--out", help="with --index: the JSON file (default runs/eval/NAME.retrieval.json)")
 
     ex = sub.add_parser("export", help="a run's query encoder, doc encoder and reader as plain HF directories")
     ex.add_argument("--run", required=True, help="a run directory (its checkpoint)")
     ex.add_argument("--out", required=True, help="the export directory (written atomically)")
 
-    bi = sub.add_parser("build-index", help="encode a corpus with a checkpoint's doc encoder into an index directory")
-    bi.add_argument("--run", help="a run directory: its checkpoint and its corpus")
+    bi = sub.add_parser("build-index", help="encode a corpus with a checkpoint's doc encoder into an index directory, "
+                                            "or index it with BM25 (--backend bm25, no checkpoint)")
+    bi.add_argument("--run", help="a run directory: its checkpoint and its corpus (bm25: its corpus)")
     bi.add_argument("--checkpoint", help="a checkpoint directory (config.json in it or beside it); needs --corpus")
-    bi.add_argument("--corpus", help="DPR .tsv or .jsonl corpus to encode (with --checkpoint)")
+    bi.add_argument("--corpus", help="DPR .tsv or .jsonl corpus to encode (with --checkpoint) or to index (bm25)")
     bi.add_argument("--out", required=True, help="the index directory (written atomically)")
-    bi.add_argument("--backend", help="exact | faiss-flat | faiss-ivfpq (index.backend)")
+    bi.add_argument("--backend", help="exact | faiss-flat | faiss-ivfpq (index.backend) | bm25 (bm25s, no encoder)")
     bi.add_argument("--dtype", help="embeddings.npy storage: fp32 | fp16 | bf16 (index.dtype)")
     bi.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                     help="override a config field, e.g. index.nlist=1024 index.m=32 index.nprobe=16")
@@ -161,6 +167,20 @@ def cmd_finetune(args) -> None:
 def cmd_evaluate(args) -> None:
     from realm_hpc.metrics import format_summary
 
+    if args.index:
+        if not args.qa or args.run:
+            raise ConfigError("evaluate --index needs --qa FILE and no --run")
+        from realm_hpc.evaluate import compare_retrievers
+
+        out = Path(args.out or Path("runs") / "eval" / f"{Path(args.qa).name.split('.')[0]}.retrieval.json")
+        _, table = compare_retrievers(args.qa, args.index, out)
+        print(table)
+        print(f"wrote {out}")
+        return
+    if not args.run:
+        raise ConfigError("evaluate needs --run DIR, or --qa FILE with --index INDEX_DIR")
+    if args.out:
+        raise ConfigError("--out goes with --index")
     if args.qa:
         from realm_hpc.finetune import evaluate_run
         result = evaluate_run(args.run, args.qa)
@@ -181,8 +201,16 @@ def cmd_export(args) -> None:
 
 
 def cmd_build_index(args) -> None:
-    from realm_hpc.runs import build_index_dir
+    from realm_hpc.runs import build_bm25_index_dir, build_index_dir
 
+    if args.backend == "bm25":
+        if bool(args.run) == bool(args.corpus) or args.checkpoint:
+            raise ConfigError("build-index --backend bm25 needs --corpus FILE or --run DIR (no checkpoint)")
+        if args.dtype or args.set:
+            raise ConfigError("build-index --backend bm25 takes no --dtype or --set (it stores no embeddings)")
+        count = build_bm25_index_dir(args.out, run=args.run, corpus=args.corpus)
+        print(f"wrote {args.out} ({count} documents, bm25)")
+        return
     if bool(args.run) == bool(args.checkpoint) or bool(args.checkpoint) != bool(args.corpus):
         raise ConfigError("build-index needs --run DIR, or --checkpoint DIR with --corpus FILE")
     index_sets = [f"index.{key}={value}" for key, value in (("backend", args.backend), ("dtype", args.dtype))
@@ -193,7 +221,7 @@ def cmd_build_index(args) -> None:
 
 
 def cmd_retrieve(args) -> None:
-    from realm_hpc.retrieval.store import SavedIndex
+    from realm_hpc.retrieval.store import open_index
 
     if bool(args.question) == bool(args.queries):
         raise ConfigError("retrieve needs a question or --queries FILE (not both)")
@@ -205,12 +233,12 @@ def cmd_retrieve(args) -> None:
         from realm_hpc.retrieval.queries import read_queries, write_results
 
         queries = read_queries(args.queries)  # every line checked before the index is loaded
-        index = SavedIndex.open(args.index)
+        index = open_index(args.index)
         write_results(index, queries, args.k, args.batch_size, args.out)
         if args.out:
             print(f"wrote {args.out} ({len(queries)} queries, top {args.k})")
         return
-    index = SavedIndex.open(args.index)
+    index = open_index(args.index)
     for rank, (doc_id, title, score) in enumerate(index.retrieve(args.question, args.k), 1):
         print(f"{rank:>3}  {score:9.4f}  {doc_id:>10}  {title}")
     sys.stdout.flush()

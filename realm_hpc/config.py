@@ -50,7 +50,10 @@ class DataConfig:
     world_alias_rate: float = 0.8  # share of secondary mentions that use an alias ("M. Kessler")
     world_seed: int = 0
     heldout_facts: int = 300
+    # Held-out examples: test (reported in the summary, evaluated at the start and the end only) and dev (ICT's
+    # early stopping and every mid-run evaluation); they share no world fact / corpus article (data/examples.py).
     eval_examples: int = 300
+    dev_examples: int = 300
 
 
 @dataclass(kw_only=True)
@@ -205,6 +208,8 @@ class Config:
             (self.train.warmup_loss in ("marginal", "per_doc"), "train.warmup_loss must be 'marginal' or 'per_doc'"),
             (0.0 <= self.model.dropout < 1.0, "model.dropout must be in [0, 1)"),
             (0.0 <= self.data.world_alias_rate <= 1.0, "data.world_alias_rate must be in [0, 1]"),
+            (self.data.eval_examples >= 1 and self.data.dev_examples >= 0,
+             "data.eval_examples must be >= 1 and data.dev_examples >= 0"),
             (self.model.query_len < self.model.reader_len, "model.query_len must be < model.reader_len"),
             (self.index.backend in ("exact", "faiss-flat", "faiss-ivfpq"),
              "index.backend must be 'exact', 'faiss-flat' or 'faiss-ivfpq'"),

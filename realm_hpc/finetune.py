@@ -280,11 +280,12 @@ class Finetuner:
         cfg, index_dir = self.cfg, self.out / "index"
         if self.resume and (index_dir / "meta.json").exists():
             return
+        docs = read_corpus(cfg.qa.corpus) if cfg.qa.corpus else self.pre_data.docs
         if cfg.qa.corpus:  # a swapped corpus, tokenized with the pretrained run's tokenizer
-            BlockStore.build(read_corpus(cfg.qa.corpus), self.pre_data.tokenizer, self.out / "data" / "blocks",
-                             max_len=cfg.model.block_len)
+            BlockStore.build(docs, self.pre_data.tokenizer, self.out / "data" / "blocks", max_len=cfg.model.block_len)
         tokenizer, blocks = _retrieval_data(cfg, self.out)
-        build_index(pre_model, blocks, tokenizer, cfg, index_dir)  # once: the doc encoder stays fixed
+        # once: the doc encoder stays fixed; the texts let `evaluate --qa --index DIR/index` check answers
+        build_index(pre_model, blocks, tokenizer, cfg, index_dir, texts=[d.text for d in docs])
 
     def _questions(self) -> dict[str, list[QAExample]]:
         qa = self.cfg.qa

@@ -132,8 +132,9 @@ def _is_loss(key: str) -> bool:
 
 _PANELS = [
     ("loss", _is_loss),
-    ("recall@k", lambda k: _base(k).startswith("recall_at")),
-    ("MLM accuracy", lambda k: _base(k).startswith("mlm_acc")),
+    # dev_recall_at_k / test_recall_at_k (and recall_at_k of older runs): one panel each, dev and test side by side
+    ("recall@k", lambda k: _base(k).removeprefix("dev_").removeprefix("test_").startswith("recall_at")),
+    ("MLM accuracy", lambda k: _base(k).removeprefix("dev_").removeprefix("test_").startswith("mlm_acc")),
 ]
 _SYSTEM_KEYS = ("staleness", "wait_s")
 

@@ -120,7 +120,7 @@ def build_index_dir(out: str | Path, overrides: list[str], run: str | None = Non
     if run:
         cfg, data, model = load_run(run)
         cfg = apply_overrides(cfg, overrides)
-        build_index(model, data.blocks, data.tokenizer, cfg, out)
+        build_index(model, data.blocks, data.tokenizer, cfg, out, texts=[d.text for d in data.docs])
         return cfg, len(data.blocks)
     cfg, tokenizer, model = load_checkpoint_dir(checkpoint)
     cfg = apply_overrides(cfg, overrides)
@@ -128,5 +128,20 @@ def build_index_dir(out: str | Path, overrides: list[str], run: str | None = Non
     out.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=out.parent, prefix=f".{out.name}.blocks-") as tmp:
         blocks = BlockStore.build(docs, tokenizer, Path(tmp) / "blocks", max_len=cfg.model.block_len)
-        build_index(model, blocks, tokenizer, cfg, out)
+        build_index(model, blocks, tokenizer, cfg, out, texts=[d.text for d in docs])
     return cfg, len(docs)
+
+
+def build_bm25_index_dir(out: str | Path, run: str | None = None, corpus: str | None = None) -> int:
+    """`build-index --backend bm25`: a BM25 index of a `corpus` file, or of a run's corpus (`run`: the documents it
+    wrote to data/corpus.jsonl, in its block order). No checkpoint. Returns the document count."""
+    from realm_hpc.data.corpus import read_corpus
+    from realm_hpc.retrieval.store import build_bm25_index
+
+    if run:
+        corpus = Path(run) / "data" / "corpus.jsonl"
+        if not corpus.is_file():
+            raise FileNotFoundError(f"{corpus}: no corpus in the run directory (not a run, or one still starting)")
+    docs = read_corpus(corpus)
+    build_bm25_index(docs, out)
+    return len(docs)

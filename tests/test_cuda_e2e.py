@@ -56,12 +56,13 @@ def test_pretrain_on_cuda(gpu_run):
     assert summary["steps"] == 8 and summary["index_versions"] == 2
     losses = _losses(gpu_run)
     assert len(losses) == 8 and np.all(np.isfinite(losses))
-    assert 0.0 <= summary["recall_at_8"] <= 1.0 and 0.0 <= summary["mlm_acc_retrieval"] <= 1.0
+    assert 0.0 <= summary["test_recall_at_8"] <= 1.0 and 0.0 <= summary["test_mlm_acc_retrieval"] <= 1.0
     ckpt = load_checkpoint(gpu_run / "checkpoint")  # mapped to the CPU, whatever device wrote it
     assert all(t.device.type == "cpu" for t in ckpt["model"].values())
     assert json.loads((gpu_run / "config.json").read_text())["train"]["device"] == "cuda"
     main(["evaluate", "--run", str(gpu_run)])  # on the run's device: its summary's numbers
-    assert json.loads((gpu_run / "eval.json").read_text())["recall_at_8"] == pytest.approx(summary["recall_at_8"])
+    result = json.loads((gpu_run / "eval.json").read_text())
+    assert result["test_recall_at_8"] == pytest.approx(summary["test_recall_at_8"])
 
 
 def test_gpu_checkpoint_resumes_on_the_cpu(gpu_run, tmp_path):

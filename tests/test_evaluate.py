@@ -14,7 +14,7 @@ from realm_hpc.train import fresh_index
 
 @pytest.fixture(scope="module")
 def setup(small_world, tmp_path_factory):
-    cfg = apply_overrides(get_recipe("tiny"), small_world + ["data.eval_examples=30"])
+    cfg = apply_overrides(get_recipe("tiny"), small_world + ["data.eval_examples=30", "data.dev_examples=0"])
     data = PretrainData(cfg, tmp_path_factory.mktemp("run"))
     torch.manual_seed(0)
     model = Realm(cfg, data.vocab_size)
@@ -30,25 +30,25 @@ def _holds(data, doc: int, span) -> bool:
 def test_span_in_top_k_matches_a_brute_force_and_grows_with_k(setup):
     cfg, data, model, index = setup
     n_docs = len(data.blocks)
-    shares = {k: share(spans_in_top_k(model, data, index, k)) for k in (1, 4, n_docs - 1)}
+    shares = {k: share(spans_in_top_k(model, data, index, k, split="test")) for k in (1, 4, n_docs - 1)}
     assert shares[1] <= shares[4] <= shares[n_docs - 1]
     # All documents but the source: the share of spans that occur anywhere else in the corpus.
     anywhere = [any(_holds(data, d, e.sentence.ids[e.span[0]:e.span[1]]) for d in range(n_docs) if d != e.source)
-                for e in data.eval]
+                for e in data.heldout("test")]
     assert shares[n_docs - 1] == pytest.approx(sum(anywhere) / len(anywhere))
     # The held-out facts are stated elsewhere in the world (their gold documents): most spans occur somewhere.
     assert shares[n_docs - 1] > 0.5
     with torch.no_grad():
         q = model.eval().retriever.query(*next(iter(_queries(data))))  # eval mode, as spans_in_top_k encodes
-    assert q.shape[0] == len(data.eval)
-    _, top = index.search(q, 4, torch.tensor([e.source for e in data.eval]))
+    assert q.shape[0] == len(data.heldout("test"))
+    _, top = index.search(q, 4, torch.tensor([e.source for e in data.heldout("test")]))
     brute = [any(_holds(data, d, e.sentence.ids[e.span[0]:e.span[1]]) for d in row)
-             for e, row in zip(data.eval, top.tolist())]
+             for e, row in zip(data.heldout("test"), top.tolist())]
     assert shares[4] == pytest.approx(sum(brute) / len(brute))
 
 
 def _queries(data):
-    for _, batch in data.eval_batches(len(data.eval)):
+    for _, batch in data.eval_batches("test", len(data.heldout("test"))):
         yield batch.query_ids, batch.query_mask
 
 
@@ -56,20 +56,21 @@ def test_mlm_token_hits_pair_up_token_by_token_and_give_the_accuracy(setup):
     """One hit per held-out masked token, in a fixed order: the same model twice gives the same vector, and its
     mean is mlm_accuracy. A model that reads nothing (closed book) lines up with it token for token."""
     cfg, data, model, index = setup
-    hits = mlm_token_hits(model, data, index, 2)
-    n_tokens = sum(e.span[1] - e.span[0] for e in data.eval)
+    hits = mlm_token_hits(model, data, index, 2, split="test")
+    n_tokens = sum(e.span[1] - e.span[0] for e in data.heldout("test"))
     assert hits.dtype == torch.bool and hits.shape == (n_tokens,)
-    assert torch.equal(hits, mlm_token_hits(model, data, index, 2, batch_size=7))
-    assert mlm_accuracy(model, data, index, 2) == pytest.approx(hits.float().mean().item())
-    assert mlm_token_hits(model, data, None, 0).shape == hits.shape
+    assert torch.equal(hits, mlm_token_hits(model, data, index, 2, split="test", batch_size=7))
+    assert mlm_accuracy(model, data, index, 2, split="test") == pytest.approx(hits.float().mean().item())
+    assert mlm_token_hits(model, data, None, 0, split="test").shape == hits.shape
     # Example flags spread over each example's masked tokens line up with the hits.
-    reach = spans_in_top_k(model, data, index, 2)
-    flags = per_token(data, reach)
-    assert flags.shape == hits.shape and len(reach) == len(data.eval)
+    reach = spans_in_top_k(model, data, index, 2, split="test")
+    flags = per_token(data, reach, split="test")
+    assert flags.shape == hits.shape and len(reach) == len(data.heldout("test"))
     assert share(reach) == pytest.approx(sum(reach) / len(reach))
     # One search gives both retrieval metrics, the same as the two functions on their own.
-    assert retrieval_metrics(model, data, index, 2) == (recall_at_k(model, data, index, 2), reach)
-    assert int(flags.sum()) == sum(e.span[1] - e.span[0] for e, r in zip(data.eval, reach) if r)
+    assert retrieval_metrics(model, data, index, 2, split="test") == (
+        recall_at_k(model, data, index, 2, split="test"), reach)
+    assert int(flags.sum()) == sum(e.span[1] - e.span[0] for e, r in zip(data.heldout("test"), reach) if r)
 
 
 @pytest.mark.parametrize("only_a, only_b, both, p", [

@@ -32,11 +32,26 @@ def pretrained(tmp_path_factory):
     return out
 
 
+# What the `finetuned` run scored, in call order, beside the end of its open-book and closed-book training.
+EVENTS: list[tuple[str, tuple[str, ...]]] = []
+
+
 @pytest.fixture(scope="module")
 def finetuned(pretrained, tmp_path_factory):
+    from realm_hpc import finetune
+
     out = tmp_path_factory.mktemp("qa") / "ft"
     t0 = time.perf_counter()
-    main(["finetune", "--recipe", "qa-tiny", "--pretrained", str(pretrained), "--out", str(out)])
+    with pytest.MonkeyPatch.context() as mp:
+        for name in ("evaluate_open_book", "evaluate_closed_book"):
+            real = getattr(finetune, name)
+            mp.setattr(finetune, name, lambda model, ctx, examples, *a, _real=real, _n=name, **kw: EVENTS.append(
+                (_n, tuple(e.question for e in examples))) or _real(model, ctx, examples, *a, **kw))
+        for name in ("train", "train_closed_book"):
+            real = getattr(finetune.Finetuner, name)
+            mp.setattr(finetune.Finetuner, name, lambda self, *a, _real=real, _n=name, **kw:
+                       (_real(self, *a, **kw), EVENTS.append((f"{_n} done", ())))[0])
+        main(["finetune", "--recipe", "qa-tiny", "--pretrained", str(pretrained), "--out", str(out)])
     summary = json.loads((out / "summary.json").read_text())
     print(f"\nqa-tiny fine-tune: {time.perf_counter() - t0:.1f} s; dev EM {summary['dev_em']:.3f} "
           f"(closed-book {summary['dev_em_closed_book']:.3f}), recall@5 {summary['dev_recall_at_5']:.3f}")
@@ -53,6 +68,22 @@ def test_dev_em_rises_above_the_closed_book_baseline(finetuned):
     assert evals[-1]["dev_em"] > evals[0]["dev_em"], evals  # EM rises with fine-tuning
     losses = [r["loss"] for r in read_metrics(out) if "loss" in r]
     assert len(losses) == 10 and losses[-1] < losses[0]
+
+
+def test_test_questions_are_scored_after_training_only(finetuned):
+    """Nothing the fine-tune decides can see test: dev is scored along the way, test once per model, after that
+    model's training is over."""
+    out, _ = finetuned
+    test = tuple(e.question for e in read_qa(out / "qa" / "test.jsonl"))
+    dev = tuple(e.question for e in read_qa(out / "qa" / "dev.jsonl"))
+    names = [name for name, _ in EVENTS]
+    trained, cb_trained = names.index("train done"), names.index("train_closed_book done")
+    on_test = [(i, name) for i, (name, questions) in enumerate(EVENTS) if set(questions) & set(test)]
+    assert [name for _, name in on_test] == ["evaluate_open_book", "evaluate_closed_book"], names
+    assert trained < on_test[0][0] and cb_trained < on_test[1][0]
+    assert all(EVENTS[i][1] == test for i, _ in on_test)
+    # Dev, by contrast, is scored during training (steps 50 and 100 of qa-tiny), then at the end.
+    assert sum(1 for name, questions in EVENTS[:trained] if set(questions) <= set(dev)) == 2
 
 
 def test_generated_questions_and_predictions(finetuned):

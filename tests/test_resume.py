@@ -74,8 +74,9 @@ def test_resumed_run_ends_with_the_same_weights_and_summary(runs):
     assert wb["index"]["version"] == wa["index"]["version"]
     sa = json.loads((a / "summary.json").read_text())
     sb = json.loads((b / "summary.json").read_text())
-    for key in ("steps", "ict_steps", "index_versions", "max_staleness_steps", "recall_at_8_start",
-                "recall_at_8_after_ict", "recall_at_8", "mlm_acc_retrieval"):
+    for key in ("steps", "ict_steps", "index_versions", "max_staleness_steps", "test_recall_at_8_start",
+                "dev_recall_at_8_after_ict", "test_recall_at_8", "test_mlm_acc_retrieval", "dev_recall_at_8",
+                "dev_mlm_acc_retrieval"):
         assert sb[key] == pytest.approx(sa[key], abs=1e-6), key
 
 

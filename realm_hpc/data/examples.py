@@ -1,5 +1,9 @@
 """From a corpus to training batches: the tokenizer, the block store, masked query sentences and held-out
 evaluation examples. Everything a run needs lives under `run_dir/data/` and is rebuilt only when missing.
+
+Held-out examples come in two splits that share no world fact (embedded world) or source article (a corpus):
+**dev**, which everything a run decides reads (ICT's early stopping, every mid-run evaluation), and **test**, read
+at the start and at the end only, which the summary reports. Every read goes through `PretrainData.heldout(split)`.
 """
 
 from __future__ import annotations
@@ -12,13 +16,15 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from realm_hpc.config import Config
+from realm_hpc.config import Config, ConfigError
 from realm_hpc.data.blocks import BlockStore
 from realm_hpc.data.corpus import read_corpus, write_jsonl
 from realm_hpc.data.masking import (TokenizedSentence, char_to_token_span, mask_sentence, salient_spans,
                                     tokenize_sentences)
 from realm_hpc.data.tokenizer import load_tokenizer, train_wordpiece
 from realm_hpc.data.world import build_world
+
+SPLITS = ("dev", "test")
 
 # A sentence ends at . ! ? followed by space and a capital, except after an initial ("M. Kessler").
 _SENTENCE_END = re.compile(r"(?<=[.!?])(?<!\b[A-Z]\.)\s+(?=[A-Z0-9\"'(])")
@@ -74,7 +80,7 @@ class PretrainData:
     def __init__(self, cfg: Config, run_dir: Path, build: bool = True):
         self.cfg = cfg
         data_dir = run_dir / "data"
-        docs, sentences, self.heldout_examples_raw = _load_docs(cfg)
+        docs, sentences, heldout_raw = _load_docs(cfg)
         if build and not (data_dir / "blocks" / "meta.json").exists():
             data_dir.mkdir(parents=True, exist_ok=True)
             write_jsonl(docs, data_dir / "corpus.jsonl")
@@ -94,10 +100,22 @@ class PretrainData:
         texts, doc_idx, spans = zip(*sentences) if sentences else ((), (), ())
         self.train = Sentences(list(texts), np.asarray(doc_idx, np.int64), np.asarray(spans, np.int64).reshape(-1, 2),
                                tokenize_sentences(self.tokenizer, list(texts), q_len))
-        self.eval = self._eval_examples()
+        self._heldout = {split: self._eval_examples(heldout_raw[split]) for split in SPLITS}
+        if cfg.data.dev_examples > 0 and not self._heldout["dev"]:
+            raise ConfigError(f"data.dev_examples={cfg.data.dev_examples}: no held-out example is left for dev (each "
+                              "shares a fact or article with test); raise data.heldout_facts or lower "
+                              "data.eval_examples")
 
-    def _eval_examples(self) -> list[EvalExample]:
-        raw = self.heldout_examples_raw
+    def heldout(self, split: str) -> list[EvalExample]:
+        """The held-out examples of `split`: "dev" (early stopping, mid-run evaluation, any choice) or "test" (the
+        start and the end of a run only)."""
+        if split not in SPLITS:
+            raise ValueError(f"unknown held-out split {split!r} (expected one of {', '.join(SPLITS)})")
+        return self._heldout[split]
+
+    def _eval_examples(self, raw) -> list[EvalExample]:
+        if not raw:  # data.dev_examples=0 (the tokenizer refuses an empty batch)
+            return []
         toks = tokenize_sentences(self.tokenizer, [r[0] for r in raw], self.cfg.model.query_len)
         out = []
         for (text, (a, b), source, gold), sent in zip(raw, toks):
@@ -106,10 +124,11 @@ class PretrainData:
                 out.append(EvalExample(sent, span, source, gold))
         return out
 
-    def chance_recall(self, k: int) -> float:
-        """Expected recall@k of a uniformly random ranking (source excluded)."""
+    def chance_recall(self, k: int, split: str) -> float:
+        """Expected recall@k of a uniformly random ranking (source excluded) on a held-out split."""
         n = len(self.blocks) - 1
-        hits = [1.0 - np.prod([(n - len(e.gold) - i) / (n - i) for i in range(k)]) for e in self.eval if e.gold]
+        hits = [1.0 - np.prod([(n - len(e.gold) - i) / (n - i) for i in range(k)])
+                for e in self.heldout(split) if e.gold]
         return float(np.mean(hits)) if hits else float("nan")
 
     # -- batches ------------------------------------------------------------------------------------------------
@@ -129,9 +148,10 @@ class PretrainData:
     def _epoch_order(self, seed: int, epoch: int) -> np.ndarray:
         return np.random.default_rng((seed, epoch)).permutation(len(self.train.text))
 
-    def eval_batches(self, batch_size: int):
-        for start in range(0, len(self.eval), batch_size):
-            chunk = self.eval[start:start + batch_size]
+    def eval_batches(self, split: str, batch_size: int):
+        examples = self.heldout(split)
+        for start in range(0, len(examples), batch_size):
+            chunk = examples[start:start + batch_size]
             rng = np.random.default_rng(0)
             masked = [mask_sentence(e.sentence, self.mask_id, rng, span=e.span) for e in chunk]
             yield chunk, self._collate(masked, [e.source for e in chunk])
@@ -213,22 +233,29 @@ class PretrainData:
 
 
 def _load_docs(cfg: Config):
-    """Docs, candidate sentences (text, doc, span) and held-out examples (text, char span, source, gold)."""
+    """Docs, candidate sentences (text, doc, span) and held-out examples (text, char span, source, gold) of each
+    split: {"dev": [...], "test": [...]}."""
     if not cfg.data.corpus:
         d = cfg.data
         world = build_world(people=d.world_people, orgs=d.world_orgs, cities=d.world_cities,
                             surnames=d.world_surnames, alias_rate=d.world_alias_rate,
                             heldout_facts=d.heldout_facts, seed=d.world_seed)
         sentences = [(s.text, s.doc, (s.start, s.start + len(s.text))) for s in world.training_sentences()]
-        heldout = [(e.text, e.span, e.source_doc, e.gold_docs)
-                   for e in world.eval_examples(d.eval_examples, seed=d.world_seed)]
-        return world.docs, sentences, heldout
+        examples = world.eval_examples(None, seed=d.world_seed)
+        # Test is the first eval_examples of the seeded order (the held-out set runs reported before the split);
+        # dev takes the next examples of facts test never asks about.
+        test = examples[:d.eval_examples]
+        asked = {e.fact_id for e in test}
+        dev = [e for e in examples[d.eval_examples:] if e.fact_id not in asked][:d.dev_examples]
+        return world.docs, sentences, {split: [(e.text, e.span, e.source_doc, e.gold_docs) for e in chosen]
+                                       for split, chosen in (("dev", dev), ("test", test))}
     return _corpus_sentences(cfg)
 
 
 def _corpus_sentences(cfg: Config):
     """A plain corpus: every sentence is a candidate query; a seeded share of sentences with a salient span is
-    held out for evaluation.
+    held out for evaluation: the first `data.eval_examples` for test, then up to `data.dev_examples` for dev from
+    articles that gave test none (a test article's later sentences stay training sentences).
 
     Gold documents for recall@k: a plain corpus states no facts, so we use its titles. When a held-out sentence
     has a salient span that is exactly the title of another document (Wikipedia: "... directed by Stanley
@@ -241,19 +268,26 @@ def _corpus_sentences(cfg: Config):
     for i, doc in enumerate(docs):
         by_title.setdefault(doc.title, i)
     rng = np.random.default_rng(cfg.data.world_seed)
-    sentences, heldout = [], []
+    sentences, test, dev, test_docs = [], [], [], set()
+    n_test, n_dev = cfg.data.eval_examples, cfg.data.dev_examples
     for i, doc in enumerate(docs):
         for a, b in split_sentences(doc.text):
             text = doc.text[a:b]
             spans = salient_spans(text)
-            if spans and len(heldout) < cfg.data.eval_examples and rng.random() < 0.05:
+            wanted = len(test) < n_test or (len(dev) < n_dev and i not in test_docs)
+            if spans and wanted and rng.random() < 0.05:
                 titled = [(s, by_title[text[s[0]:s[1]]]) for s in spans
                           if by_title.get(text[s[0]:s[1]], i) != i]
                 if titled:
                     span, gold = titled[rng.integers(len(titled))]
-                    heldout.append((text, span, i, [gold]))
+                    example = (text, span, i, [gold])
                 else:
-                    heldout.append((text, spans[rng.integers(len(spans))], i, []))
+                    example = (text, spans[rng.integers(len(spans))], i, [])
+                if len(test) < n_test:
+                    test.append(example)
+                    test_docs.add(i)
+                else:
+                    dev.append(example)
             else:
                 sentences.append((text, i, (a, b)))
-    return docs, sentences, heldout
+    return docs, sentences, {"dev": dev, "test": test}
