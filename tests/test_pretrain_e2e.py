@@ -23,10 +23,11 @@ SUMMARY_KEYS = {"recipe", "steps", "corpus_docs", "k", "recall_at_8_start", "rec
                 "chance_recall_at_8", "span_in_top_8_start", "span_in_top_8", "mlm_acc_retrieval",
                 "mlm_acc_closed_book", "ict_steps", "index_versions",
                 "max_staleness_steps", "trainer_wait_s", "refresh_mode", "eval_examples", "wall_s",
-                "trainer_wait_share", "eval_examples_with_gold", "mlm_eval_tokens", "mlm_only_retrieval_right",
-                "mlm_only_closed_book_right", "mlm_vs_closed_book_p", "mlm_acc_retrieval_span_in_top_8",
-                "mlm_acc_retrieval_span_not_in_top_8", "mlm_acc_closed_book_span_in_top_8",
-                "mlm_acc_closed_book_span_not_in_top_8", "mlm_tokens_span_in_top_8"}
+                "trainer_wait_share", "eval_examples_with_gold", "mlm_eval_tokens", "mlm_eval_spans",
+                "mlm_span_acc_retrieval", "mlm_span_acc_closed_book", "mlm_spans_only_retrieval_right",
+                "mlm_spans_only_closed_book_right", "mlm_vs_closed_book_p_paired_spans",
+                "mlm_acc_retrieval_span_in_top_8", "mlm_acc_retrieval_span_not_in_top_8",
+                "mlm_acc_closed_book_span_in_top_8", "mlm_acc_closed_book_span_not_in_top_8", "mlm_tokens_span_in_top_8"}
 ROW_KEYS = {"step", "phase", "loss", "lr", "index_version", "staleness", "wait_s"}
 
 
@@ -62,11 +63,12 @@ def test_summary_has_the_documented_keys(summary):
     assert summary["eval_examples"] > 0 and summary["corpus_docs"] > summary["eval_examples"]
     assert 0 < summary["eval_examples_with_gold"] <= summary["eval_examples"]
     assert 0.0 <= summary["mlm_acc_retrieval"] <= 1.0 and 0.0 <= summary["mlm_acc_closed_book"] <= 1.0
-    # Paired counts on the same tokens: the accuracies differ by exactly the discordant tokens.
-    n = summary["mlm_eval_tokens"]
-    gap = (summary["mlm_only_retrieval_right"] - summary["mlm_only_closed_book_right"]) / n
-    assert summary["mlm_acc_retrieval"] - summary["mlm_acc_closed_book"] == pytest.approx(gap, abs=1e-9)
-    assert 0.0 < summary["mlm_vs_closed_book_p"] <= 1.0
+    # Paired counts on the same held-out spans: the span accuracies differ by exactly the discordant spans.
+    n, n_spans = summary["mlm_eval_tokens"], summary["mlm_eval_spans"]
+    assert 0 < n_spans == summary["eval_examples"] <= n
+    gap = (summary["mlm_spans_only_retrieval_right"] - summary["mlm_spans_only_closed_book_right"]) / n_spans
+    assert summary["mlm_span_acc_retrieval"] - summary["mlm_span_acc_closed_book"] == pytest.approx(gap, abs=1e-9)
+    assert 0.0 < summary["mlm_vs_closed_book_p_paired_spans"] <= 1.0
     # The split by whether a final top-8 doc holds the span recombines into each model's accuracy.
     n_in = summary["mlm_tokens_span_in_top_8"]
     assert 0 < n_in < n
