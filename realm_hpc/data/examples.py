@@ -15,8 +15,7 @@ import torch
 from realm_hpc.config import Config
 from realm_hpc.data.blocks import BlockStore
 from realm_hpc.data.corpus import read_corpus, write_jsonl
-from realm_hpc.data.masking import (TokenizedSentence, char_to_token_span, mask_sentence, salient_spans,
-                                    tokenize_sentences)
+from realm_hpc.data.masking import SalientSpans, TokenizedSentence, char_to_token_span, mask_sentence, tokenize_sentences
 from realm_hpc.data.tokenizer import load_tokenizer, train_wordpiece
 from realm_hpc.data.world import build_world
 
@@ -74,7 +73,7 @@ class PretrainData:
     def __init__(self, cfg: Config, run_dir: Path, build: bool = True):
         self.cfg = cfg
         data_dir = run_dir / "data"
-        docs, sentences, self.heldout_examples_raw = _load_docs(cfg)
+        docs, sentences, self.heldout_examples_raw, self.salient = _load_docs(cfg)
         if build and not (data_dir / "blocks" / "meta.json").exists():
             data_dir.mkdir(parents=True, exist_ok=True)
             write_jsonl(docs, data_dir / "corpus.jsonl")
@@ -93,12 +92,12 @@ class PretrainData:
         q_len = cfg.model.query_len
         texts, doc_idx, spans = zip(*sentences) if sentences else ((), (), ())
         self.train = Sentences(list(texts), np.asarray(doc_idx, np.int64), np.asarray(spans, np.int64).reshape(-1, 2),
-                               tokenize_sentences(self.tokenizer, list(texts), q_len))
+                               tokenize_sentences(self.tokenizer, list(texts), q_len, self.salient))
         self.eval = self._eval_examples()
 
     def _eval_examples(self) -> list[EvalExample]:
         raw = self.heldout_examples_raw
-        toks = tokenize_sentences(self.tokenizer, [r[0] for r in raw], self.cfg.model.query_len)
+        toks = tokenize_sentences(self.tokenizer, [r[0] for r in raw], self.cfg.model.query_len, self.salient)
         out = []
         for (text, (a, b), source, gold), sent in zip(raw, toks):
             span = char_to_token_span(sent.offsets, a, b)
@@ -213,7 +212,8 @@ class PretrainData:
 
 
 def _load_docs(cfg: Config):
-    """Docs, candidate sentences (text, doc, span) and held-out examples (text, char span, source, gold)."""
+    """Docs, candidate sentences (text, doc, span), held-out examples (text, char span, source, gold) and the salient
+    span finder with the corpus' lexicon."""
     if not cfg.data.corpus:
         d = cfg.data
         world = build_world(people=d.world_people, orgs=d.world_orgs, cities=d.world_cities,
@@ -222,7 +222,7 @@ def _load_docs(cfg: Config):
         sentences = [(s.text, s.doc, (s.start, s.start + len(s.text))) for s in world.training_sentences()]
         heldout = [(e.text, e.span, e.source_doc, e.gold_docs)
                    for e in world.eval_examples(d.eval_examples, seed=d.world_seed)]
-        return world.docs, sentences, heldout
+        return world.docs, sentences, heldout, SalientSpans.from_texts(d.text for d in world.docs)
     return _corpus_sentences(cfg)
 
 
@@ -237,6 +237,7 @@ def _corpus_sentences(cfg: Config):
     in training. Sentences without such a span mask a random salient span and count for MLM accuracy only.
     """
     docs = read_corpus(cfg.data.corpus)
+    finder = SalientSpans.from_texts(d.text for d in docs)
     by_title: dict[str, int] = {}
     for i, doc in enumerate(docs):
         by_title.setdefault(doc.title, i)
@@ -245,7 +246,7 @@ def _corpus_sentences(cfg: Config):
     for i, doc in enumerate(docs):
         for a, b in split_sentences(doc.text):
             text = doc.text[a:b]
-            spans = salient_spans(text)
+            spans = finder(text)
             if spans and len(heldout) < cfg.data.eval_examples and rng.random() < 0.05:
                 titled = [(s, by_title[text[s[0]:s[1]]]) for s in spans
                           if by_title.get(text[s[0]:s[1]], i) != i]
@@ -256,4 +257,4 @@ def _corpus_sentences(cfg: Config):
                     heldout.append((text, spans[rng.integers(len(spans))], i, []))
             else:
                 sentences.append((text, i, (a, b)))
-    return docs, sentences, heldout
+    return docs, sentences, heldout, finder
