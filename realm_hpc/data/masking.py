@@ -57,11 +57,13 @@ _NAME = regex.compile(
     rf"(?:{_SP}\d{{1,3}}(?![\w.,]))?"  # a small number right after a name belongs to it: "Apollo 17"
 )
 _ARTICLES = {"The", "A", "An", "BC", "BCE", "AD", "CE"}  # and eras: "6th century BC Neo-Babylonian Empire"
-# Offices and ranks: not part of the name they stand before ("Captain Georg von Trapp", "Emperor of Brazil").
-_TITLES = {"King", "Queen", "Emperor", "Empress", "Prince", "Princess", "Duke", "Duchess", "Grand", "President",
-           "Captain", "General", "Admiral", "Colonel", "Sir", "Dame", "Pope", "Chancellor", "Governor", "Senator",
-           "Mayor", "Archbishop", "Bishop", "Cardinal", "Sultan", "Caliph", "Tsar", "Czar", "Shah", "Pharaoh",
-           "Mr.", "Mrs.", "Ms.", "Dr."}
+# Offices and ranks are not part of the name they stand before: "King of Hanover" -> "Hanover", "Captain Georg von
+# Trapp" -> "Georg von Trapp". Before "of" any of them; before a name only those that do not often open a name
+# themselves ("General Motors", "Grand Canyon", "Duke University"); "Grand" only before another office.
+_PERSON_TITLES = {"King", "Queen", "Emperor", "Empress", "Prince", "Princess", "President", "Captain", "Admiral",
+                  "Colonel", "Sir", "Dame", "Pope", "Chancellor", "Senator", "Mayor", "Archbishop", "Bishop",
+                  "Cardinal", "Sultan", "Caliph", "Tsar", "Czar", "Shah", "Pharaoh", "Mr.", "Mrs.", "Ms.", "Dr."}
+_OFFICES = _PERSON_TITLES | {"Duke", "Duchess", "General", "Governor", "Grand"}
 # Closed-class words that open sentences: capitalised by position, never a name on their own.
 _FUNCTION_WORDS = set("""
 a about above according across after against all along also although among an and another any are around as at
@@ -77,10 +79,17 @@ whose why with within without yet you your
 _SENTENCE_START = re.compile(r"(?:^|[.!?][\"'”’)\]]*\s+)[\"'“‘(\[]*$")
 
 
+def _opens_sentence(text: str, i: int) -> bool:
+    """Whether text[i] starts a sentence: nothing but quotes or brackets before it since the text's start or a
+    sentence end. A short window is enough and keeps the lexicon's pass over a corpus linear (`^` matches only
+    at the text's real start)."""
+    return bool(_SENTENCE_START.search(text, max(0, i - 12), i))
+
+
 @dataclass(frozen=True)
 class SalientSpans:
-    """The span finder. `lowercase` holds the words a corpus writes in lower case more often than capitalised
-    mid-sentence: with it, a sentence-opening word is a name only when the corpus capitalises it elsewhere."""
+    """The span finder. `lowercase` holds the words a corpus writes in lower case at least as often as capitalised
+    mid-sentence: with it, a sentence-opening word is a name only when the corpus mostly capitalises it elsewhere."""
     lowercase: frozenset[str] | None = None
 
     @classmethod
@@ -95,7 +104,7 @@ class SalientSpans:
                 w = m.group(0)
                 if w.islower():
                     low[w] += 1
-                elif w[0].isupper() and not _SENTENCE_START.search(text, 0, m.start()):
+                elif w[0].isupper() and not _opens_sentence(text, m.start()):
                     cap[w.lower()] += 1
         return cls(frozenset(w for w, c in low.items() if c >= cap[w]))
 
@@ -111,25 +120,28 @@ class SalientSpans:
         return sorted(spans)
 
     def _name(self, text: str, start: int, end: int) -> tuple[int, int] | None:
-        words = [(m.start() + start, m.end() + start) for m in re.finditer(r"[^ \u00a0]+", text[start:end])]
-        opens = bool(_SENTENCE_START.search(text, 0, start))
-        # Leading function words of a sentence, articles anywhere, then offices (with their "of": "King of X").
-        while words and (opens and text[words[0][0]:words[0][1]].lower() in _FUNCTION_WORDS
-                         or text[words[0][0]:words[0][1]] in _ARTICLES):
+        words = [(m.start() + start, m.end() + start, m.group(0))
+                 for m in re.finditer(r"[^ \u00a0]+", text[start:end])]
+        opens = _opens_sentence(text, start)
+        # A sentence's leading function words ("In Paris"), a leading article or era anywhere.
+        while words and (opens and words[0][2].lower() in _FUNCTION_WORDS or words[0][2] in _ARTICLES):
             words.pop(0)
-        while len(words) > 1 and text[words[0][0]:words[0][1]] in _TITLES and text[words[1][0]:words[1][1]] != "of":
+        # Offices: "King of Hanover", "Grand Prince of Vladimir", "Captain Georg von Trapp".
+        while len(words) > 1 and words[0][2] == "Grand" and words[1][2] in _OFFICES:
             words.pop(0)
-            opens = False
-        if len(words) > 2 and text[words[0][0]:words[0][1]] in _TITLES and text[words[1][0]:words[1][1]] == "of":
-            words, opens = words[2:], False
-        while words and text[words[-1][0]:words[-1][1]].islower():  # a connector left dangling by the cuts above
+        if len(words) > 2 and words[0][2] in _OFFICES and words[1][2] == "of":
+            words = words[2:]
+        while len(words) > 1 and words[0][2] in _PERSON_TITLES and words[1][2] != "of":
+            words.pop(0)
+        while words and words[-1][2].islower():  # a connector left dangling by the cuts above
             words.pop()
         if not words:
             return None
         a, b = words[0][0], words[-1][1]
         if re.search(r"['’]s$", text[a:b]):  # "France's" -> "France" (inside a name it stays: "Hudson's Bay")
             b -= 2
-        if len(words) == 1 and opens and self._common(text[a:b]):
+        # Capitalised by its position alone, perhaps: only the first word of a sentence.
+        if len(words) == 1 and a == start and opens and self._common(text[a:b]):
             return None
         return a, b
 
