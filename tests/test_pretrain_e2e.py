@@ -27,7 +27,8 @@ SUMMARY_KEYS = {"recipe", "steps", "corpus_docs", "k", "recall_at_8_start", "rec
                 "mlm_span_acc_retrieval", "mlm_span_acc_closed_book", "mlm_spans_only_retrieval_right",
                 "mlm_spans_only_closed_book_right", "mlm_vs_closed_book_p_paired_spans",
                 "mlm_acc_retrieval_span_in_top_8", "mlm_acc_retrieval_span_not_in_top_8",
-                "mlm_acc_closed_book_span_in_top_8", "mlm_acc_closed_book_span_not_in_top_8", "mlm_tokens_span_in_top_8"}
+                "mlm_acc_closed_book_span_in_top_8", "mlm_acc_closed_book_span_not_in_top_8",
+                "mlm_tokens_span_in_top_8"}
 ROW_KEYS = {"step", "phase", "loss", "lr", "index_version", "staleness", "wait_s"}
 
 

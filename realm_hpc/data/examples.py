@@ -15,7 +15,8 @@ import torch
 from realm_hpc.config import Config
 from realm_hpc.data.blocks import BlockStore
 from realm_hpc.data.corpus import read_corpus, write_jsonl
-from realm_hpc.data.masking import SalientSpans, TokenizedSentence, char_to_token_span, mask_sentence, tokenize_sentences
+from realm_hpc.data.masking import (SalientSpans, TokenizedSentence, char_to_token_span, mask_sentence,
+                                    tokenize_sentences)
 from realm_hpc.data.tokenizer import load_tokenizer, train_wordpiece
 from realm_hpc.data.world import build_world
 

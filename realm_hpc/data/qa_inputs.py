@@ -206,8 +206,9 @@ class QAInputs:
 # WordPiece keeps no whitespace: BERT's pre-tokenizer splits off every punctuation mark, and decode() puts a space
 # between all words ("1 , 000", "jean - paul", "u . s ."). A decoder can only guess where the spaces were; English
 # almost never has one before , . ; : ! ? % ) ] or after ( [ $ £ €, nor around - – / or an inner apostrophe, nor
-# inside an abbreviation ("u.s."); a period between digits, or a comma before three, is a number's. An uncased vocabulary has lost case and accents for good: EM
-# forgives the case, not "godel" for "Gödel" (the open-book reader has no such loss: it answers in passage text).
+# inside an abbreviation ("u.s."); a period between digits, or a comma before three, is a number's. An uncased
+# vocabulary has lost case and accents for good: EM forgives the case, not "godel" for "Gödel" (the open-book reader
+# has no such loss: it answers in passage text).
 _DETOKENIZE = [
     (re.compile(r"\s+([.,;:!?%)\]}])"), r"\1"),
     (re.compile(r"([(\[{$£€])\s+"), r"\1"),

@@ -105,7 +105,8 @@ def test_the_loss_sees_the_answer_in_the_reader_batch(inputs):
         for s in match[b, 0].nonzero().flatten().tolist():
             a, z = rb.span_tokens[b * K][s]
             row = rb.input_ids[b * K]
-            assert row[rb.starts[b * K, s]:rb.ends[b * K, s] + 1].tolist() == inputs.blocks.tokens(block)[a:z + 1].tolist()
+            in_row = row[rb.starts[b * K, s]:rb.ends[b * K, s] + 1].tolist()
+            assert in_row == inputs.blocks.tokens(block)[a:z + 1].tolist()
             assert exact_match(inputs.span_text(block, a, z), [answer])
     g = torch.Generator().manual_seed(0)
     scores = torch.randn(rb.valid.shape, generator=g, dtype=torch.float64)
