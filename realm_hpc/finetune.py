@@ -33,7 +33,8 @@ from realm_hpc.checkpoint import (atomic_write_json, load_checkpoint, save_check
 from realm_hpc.config import Config, ConfigError, load_config
 from realm_hpc.data.blocks import BlockStore
 from realm_hpc.data.corpus import atomic_file, read_corpus
-from realm_hpc.data.qa import QAExample, exact_match, normalize_answer, read_qa, world_questions, write_qa_jsonl
+from realm_hpc.data.qa import (QAExample, exact_match, has_answer, normalize_answer, read_qa, world_questions,
+                               write_qa_jsonl)
 from realm_hpc.data.qa_inputs import QAInputs
 from realm_hpc.data.tokenizer import load_tokenizer
 from realm_hpc.device import group_device, trainer_device
@@ -117,8 +118,9 @@ def _batch_indices(n: int, step: int, batch_size: int, seed: int) -> list[int]:
 # -- evaluation ------------------------------------------------------------------------------------------------------
 @torch.no_grad()
 def evaluate_open_book(model: QAModel, ctx: QAContext, examples: list[QAExample], batch_size: int = 16):
-    """Prediction = argmax over the top-k blocks' spans of log p(z|q) + log p(span|z,q). Returns (rows, metrics):
-    normalised exact match and recall@k (a top-k block holds a span equal to a normalised gold answer)."""
+    """Prediction = argmax over the top-k blocks' spans of log p(z|q) + log p(span|z,q), as the passage's own
+    characters. Returns (rows, metrics): normalised exact match, and recall@k by DPR's rule (a top-k block's text
+    contains a gold answer's tokens, `data.qa.has_answer`)."""
     was = model.training
     model.eval()
     k, rows = ctx.cfg.qa.k, []
@@ -136,10 +138,10 @@ def evaluate_open_book(model: QAModel, ctx: QAContext, examples: list[QAExample]
             block = int(ids[b, kk])
             if torch.isfinite(joint[b, kk, s]):
                 a, z = rb.span_tokens[b * k + kk][s]
-                prediction = ctx.inputs.decode(block, a, z)
+                prediction = ctx.inputs.span_text(block, a, z)
             else:  # no candidate span in any retrieved block
                 prediction = ""
-            hit = bool(rb.match[b * k:(b + 1) * k].any())
+            hit = any(has_answer(ctx.inputs.blocks.text(d), e.answers) for d in ids[b].tolist())
             rows.append({"question": e.question, "answers": list(e.answers), "prediction": prediction,
                          "em": exact_match(prediction, e.answers), "answer_in_top_k": hit,
                          "doc_ids": [ctx.inputs.blocks.doc_id(i) for i in ids[b].tolist()],

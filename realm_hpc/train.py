@@ -24,8 +24,8 @@ from realm_hpc.config import Config
 from realm_hpc.data.examples import Batch, PretrainData
 from realm_hpc.device import group_device
 from realm_hpc.dist import TrainerGroup, barrier, broadcast_from_trainer0, mean_over_trainers, print0
-from realm_hpc.evaluate import (heldout_metrics, mlm_accuracy, mlm_token_hits, paired_sign_test, per_token,
-                                recall_at_k, retrieval_metrics, share)
+from realm_hpc.evaluate import (heldout_metrics, mlm_accuracy, mlm_token_hits, paired_sign_test, per_example,
+                                per_token, recall_at_k, retrieval_metrics, share)
 from realm_hpc.metrics import MetricsLogger, plot_curves
 from realm_hpc.models.realm import Realm
 from realm_hpc.optim import build_optimizer, make_stepper, micro_batch_size
@@ -362,14 +362,18 @@ class Pretrainer:
             return {**summary, **{f"test_{key}": v for key, v in test_part.items()}}
         if cfg.eval.closed_book_baseline:
             cb_hits = self.closed_book_baseline()
-            only_r, only_cb, p = paired_sign_test(hits, cb_hits)
-            # Same held-out tokens for both: the paired counts and McNemar's exact p say whether the gap is noise.
+            spans, cb_spans = per_example(data, hits, split="test"), per_example(data, cb_hits, split="test")
+            # Same held-out spans for both: the paired counts and McNemar's exact p say whether the gap is noise.
+            # Paired per span (right = all its tokens right): a span's tokens are not independent trials.
+            only_r, only_cb, p = paired_sign_test(spans, cb_spans)
             test_part.update({"mlm_acc_closed_book": share(cb_hits),
                               f"mlm_acc_closed_book_span_in_top_{k}": share(cb_hits[in_reach]),
                               f"mlm_acc_closed_book_span_not_in_top_{k}": share(cb_hits[~in_reach]),
                               "mlm_eval_tokens": len(hits), f"mlm_tokens_span_in_top_{k}": int(in_reach.sum()),
-                              "mlm_only_retrieval_right": only_r, "mlm_only_closed_book_right": only_cb,
-                              "mlm_vs_closed_book_p": p})
+                              "mlm_eval_spans": len(spans), "mlm_span_acc_retrieval": share(spans),
+                              "mlm_span_acc_closed_book": share(cb_spans),
+                              "mlm_spans_only_retrieval_right": only_r, "mlm_spans_only_closed_book_right": only_cb,
+                              "mlm_vs_closed_book_p_paired_spans": p})
         summary.update({f"test_{key}": v for key, v in test_part.items()})
         summary["wall_s"] = st.wall_s + time.perf_counter() - self.t0
         summary["trainer_wait_share"] = st.trainer_wait_s / summary["wall_s"]

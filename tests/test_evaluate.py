@@ -1,11 +1,12 @@
-"""Held-out metrics: span_in_top_k against a brute force, the per-token MLM hits and the paired test on them."""
+"""Held-out metrics: span_in_top_k against a brute force, the per-token MLM hits, the per-span hits built from them,
+and the paired test."""
 
 import pytest
 import torch
 
 from realm_hpc.config import apply_overrides
 from realm_hpc.data.examples import PretrainData
-from realm_hpc.evaluate import (mlm_accuracy, mlm_token_hits, paired_sign_test, per_token, recall_at_k,
+from realm_hpc.evaluate import (mlm_accuracy, mlm_token_hits, paired_sign_test, per_example, per_token, recall_at_k,
                                 retrieval_metrics, share, spans_in_top_k)
 from realm_hpc.models.realm import Realm
 from realm_hpc.recipes import get_recipe
@@ -74,14 +75,43 @@ def test_mlm_token_hits_pair_up_token_by_token_and_give_the_accuracy(setup):
 
 
 @pytest.mark.parametrize("only_a, only_b, both, p", [
-    (8, 0, 5, 2 / 2 ** 8),  # 8 of 8 discordant tokens favour a: 2 x (1/2)^8
+    (8, 0, 5, 2 / 2 ** 8),  # 8 of 8 discordant trials favour a: 2 x (1/2)^8
     (3, 3, 0, 1.0),  # an even split is no evidence
     (0, 0, 9, 1.0),  # nothing discordant
     (1, 4, 2, 2 * (1 + 5) / 2 ** 5),  # P(X <= 1), X ~ Bin(5, 1/2), doubled
 ])
-def test_paired_sign_test_counts_discordant_tokens_and_gives_mcnemars_exact_p(only_a, only_b, both, p):
+def test_paired_sign_test_counts_discordant_trials_and_gives_mcnemars_exact_p(only_a, only_b, both, p):
     neither = 6
     a = torch.tensor([True] * only_a + [False] * only_b + [True] * both + [False] * neither)
     b = torch.tensor([False] * only_a + [True] * only_b + [True] * both + [False] * neither)
     assert paired_sign_test(a, b) == (only_a, only_b, pytest.approx(p))
     assert paired_sign_test(b, a) == (only_b, only_a, pytest.approx(p))
+
+
+def test_per_example_hits_pair_spans_not_tokens(setup):
+    """A held-out span is right when all its tokens are. Two made-up models that differ on the tokens of the same
+    few spans: paired per token, a long span's tokens would count as many trials; paired per span, once each."""
+    cfg, data, model, index = setup
+    counts = [e.span[1] - e.span[0] for e in data.heldout("test")]  # the small world's query_len cuts no span
+    hits = mlm_token_hits(model, data, index, 2, split="test")
+    assert sum(counts) == len(hits) and max(counts) >= 2
+    spans = per_example(data, hits, split="test")
+    assert spans.shape == (len(data.heldout("test")),)
+    pieces = torch.split(hits, counts)
+    assert spans.tolist() == [bool(p.all()) for p in pieces]
+    round_trip = per_example(data, per_token(data, spans.tolist(), split="test"), split="test")
+    assert round_trip.tolist() == spans.tolist()
+
+    # a gets every token of the three longest spans right and b none of them; elsewhere they agree (all wrong).
+    longest = sorted(range(len(counts)), key=lambda i: -counts[i])[:3]
+    a = per_token(data, [i in longest for i in range(len(counts))], split="test")
+    b = torch.zeros_like(a)
+    assert paired_sign_test(a, b)[:2] == (sum(counts[i] for i in longest), 0)  # tokens: many "independent" wins
+    by_span = per_example(data, a, split="test"), per_example(data, b, split="test")
+    assert paired_sign_test(*by_span) == (3, 0, pytest.approx(2 / 2 ** 3))
+    # One token of a span wrong makes the whole span wrong.
+    first = sum(counts[:longest[0]])
+    a[first] = False
+    assert per_example(data, a, split="test").sum() == 2
+    with pytest.raises(ValueError, match="token hits for"):
+        per_example(data, hits[:-1], split="test")

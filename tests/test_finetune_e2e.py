@@ -105,7 +105,7 @@ def test_generated_questions_and_predictions(finetuned):
 
 def test_candidate_spans_cover_the_answer_on_the_subject_page(pretrained, finetuned):
     """The subject's own page states every fact about it: its candidate spans must contain the answer, and every
-    candidate's normalised text must be what its tokens decode to."""
+    candidate's normalised text must be that of the passage characters it covers (span_text)."""
     from realm_hpc.runs import load_run
     from realm_hpc.data.qa_inputs import QAInputs
 
@@ -121,7 +121,7 @@ def test_candidate_spans_cover_the_answer_on_the_subject_page(pretrained, finetu
     spans = inputs.block_spans(page[subject])
     assert len(spans.norm) > 0 and ((spans.ends - spans.starts) < 5).all() and (spans.ends >= spans.starts).all()
     for a, z, norm in zip(spans.starts, spans.ends, spans.norm):
-        assert normalize_answer(inputs.decode(page[subject], int(a), int(z))) == norm
+        assert normalize_answer(inputs.span_text(page[subject], int(a), int(z))) == norm
 
 
 def test_evaluate_qa_on_a_dpr_csv(finetuned, tmp_path, capsys):

@@ -19,7 +19,7 @@ def _world(cfg):
 
 def test_world_splits_share_no_fact_and_test_is_the_seeded_first_examples():
     cfg = get_recipe("tiny")
-    _, _, raw = _load_docs(cfg)
+    _, _, raw, _ = _load_docs(cfg)
     dev, test = raw["dev"], raw["test"]
     assert len(test) == cfg.data.eval_examples and 0 < len(dev) <= cfg.data.dev_examples
     world = _world(cfg)

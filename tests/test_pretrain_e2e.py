@@ -27,10 +27,12 @@ SUMMARY_KEYS = {"recipe", "steps", "corpus_docs", "k", "ict_steps", "index_versi
                 # test: read at the start and the end only
                 "test_recall_at_8_start", "test_recall_at_8", "test_chance_recall_at_8", "test_span_in_top_8_start",
                 "test_span_in_top_8", "test_mlm_acc_retrieval", "test_mlm_acc_closed_book", "test_examples",
-                "test_examples_with_gold", "test_mlm_eval_tokens", "test_mlm_only_retrieval_right",
-                "test_mlm_only_closed_book_right", "test_mlm_vs_closed_book_p", "test_mlm_acc_retrieval_span_in_top_8",
-                "test_mlm_acc_retrieval_span_not_in_top_8", "test_mlm_acc_closed_book_span_in_top_8",
-                "test_mlm_acc_closed_book_span_not_in_top_8", "test_mlm_tokens_span_in_top_8"}
+                "test_examples_with_gold", "test_mlm_eval_tokens", "test_mlm_eval_spans",
+                "test_mlm_span_acc_retrieval", "test_mlm_span_acc_closed_book", "test_mlm_spans_only_retrieval_right",
+                "test_mlm_spans_only_closed_book_right", "test_mlm_vs_closed_book_p_paired_spans",
+                "test_mlm_acc_retrieval_span_in_top_8", "test_mlm_acc_retrieval_span_not_in_top_8",
+                "test_mlm_acc_closed_book_span_in_top_8", "test_mlm_acc_closed_book_span_not_in_top_8",
+                "test_mlm_tokens_span_in_top_8"}
 ROW_KEYS = {"step", "phase", "loss", "lr", "index_version", "staleness", "wait_s"}
 
 
@@ -68,11 +70,13 @@ def test_summary_has_the_documented_keys(summary):
         assert 0 < summary[f"{split}_examples_with_gold"] <= summary[f"{split}_examples"]
         assert 0.0 <= summary[f"{split}_mlm_acc_retrieval"] <= 1.0
     assert 0.0 <= summary["test_mlm_acc_closed_book"] <= 1.0
-    # Paired counts on the same tokens: the accuracies differ by exactly the discordant tokens.
-    n = summary["test_mlm_eval_tokens"]
-    gap = (summary["test_mlm_only_retrieval_right"] - summary["test_mlm_only_closed_book_right"]) / n
-    assert summary["test_mlm_acc_retrieval"] - summary["test_mlm_acc_closed_book"] == pytest.approx(gap, abs=1e-9)
-    assert 0.0 < summary["test_mlm_vs_closed_book_p"] <= 1.0
+    # Paired counts on the same held-out spans: the span accuracies differ by exactly the discordant spans.
+    n, n_spans = summary["test_mlm_eval_tokens"], summary["test_mlm_eval_spans"]
+    assert 0 < n_spans == summary["test_examples"] <= n
+    gap = (summary["test_mlm_spans_only_retrieval_right"] - summary["test_mlm_spans_only_closed_book_right"]) / n_spans
+    assert summary["test_mlm_span_acc_retrieval"] - summary["test_mlm_span_acc_closed_book"] == pytest.approx(gap,
+                                                                                                          abs=1e-9)
+    assert 0.0 < summary["test_mlm_vs_closed_book_p_paired_spans"] <= 1.0
     # The split by whether a final top-8 doc holds the span recombines into each model's accuracy.
     n_in = summary["test_mlm_tokens_span_in_top_8"]
     assert 0 < n_in < n

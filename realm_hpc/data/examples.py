@@ -19,7 +19,7 @@ import torch
 from realm_hpc.config import Config, ConfigError
 from realm_hpc.data.blocks import BlockStore
 from realm_hpc.data.corpus import read_corpus, write_jsonl
-from realm_hpc.data.masking import (TokenizedSentence, char_to_token_span, mask_sentence, salient_spans,
+from realm_hpc.data.masking import (SalientSpans, TokenizedSentence, char_to_token_span, mask_sentence,
                                     tokenize_sentences)
 from realm_hpc.data.tokenizer import load_tokenizer, train_wordpiece
 from realm_hpc.data.world import build_world
@@ -80,7 +80,7 @@ class PretrainData:
     def __init__(self, cfg: Config, run_dir: Path, build: bool = True):
         self.cfg = cfg
         data_dir = run_dir / "data"
-        docs, sentences, heldout_raw = _load_docs(cfg)
+        docs, sentences, heldout_raw, self.salient = _load_docs(cfg)
         if build and not (data_dir / "blocks" / "meta.json").exists():
             data_dir.mkdir(parents=True, exist_ok=True)
             write_jsonl(docs, data_dir / "corpus.jsonl")
@@ -99,7 +99,7 @@ class PretrainData:
         q_len = cfg.model.query_len
         texts, doc_idx, spans = zip(*sentences) if sentences else ((), (), ())
         self.train = Sentences(list(texts), np.asarray(doc_idx, np.int64), np.asarray(spans, np.int64).reshape(-1, 2),
-                               tokenize_sentences(self.tokenizer, list(texts), q_len))
+                               tokenize_sentences(self.tokenizer, list(texts), q_len, self.salient))
         self._heldout = {split: self._eval_examples(heldout_raw[split]) for split in SPLITS}
         if cfg.data.dev_examples > 0 and not self._heldout["dev"]:
             raise ConfigError(f"data.dev_examples={cfg.data.dev_examples}: no held-out example is left for dev (each "
@@ -116,7 +116,7 @@ class PretrainData:
     def _eval_examples(self, raw) -> list[EvalExample]:
         if not raw:  # data.dev_examples=0 (the tokenizer refuses an empty batch)
             return []
-        toks = tokenize_sentences(self.tokenizer, [r[0] for r in raw], self.cfg.model.query_len)
+        toks = tokenize_sentences(self.tokenizer, [r[0] for r in raw], self.cfg.model.query_len, self.salient)
         out = []
         for (text, (a, b), source, gold), sent in zip(raw, toks):
             span = char_to_token_span(sent.offsets, a, b)
@@ -233,8 +233,8 @@ class PretrainData:
 
 
 def _load_docs(cfg: Config):
-    """Docs, candidate sentences (text, doc, span) and held-out examples (text, char span, source, gold) of each
-    split: {"dev": [...], "test": [...]}."""
+    """Docs, candidate sentences (text, doc, span), held-out examples (text, char span, source, gold) of each split
+    ({"dev": [...], "test": [...]}) and the salient span finder with the corpus' lexicon."""
     if not cfg.data.corpus:
         d = cfg.data
         world = build_world(people=d.world_people, orgs=d.world_orgs, cities=d.world_cities,
@@ -247,8 +247,9 @@ def _load_docs(cfg: Config):
         test = examples[:d.eval_examples]
         asked = {e.fact_id for e in test}
         dev = [e for e in examples[d.eval_examples:] if e.fact_id not in asked][:d.dev_examples]
-        return world.docs, sentences, {split: [(e.text, e.span, e.source_doc, e.gold_docs) for e in chosen]
-                                       for split, chosen in (("dev", dev), ("test", test))}
+        heldout = {split: [(e.text, e.span, e.source_doc, e.gold_docs) for e in chosen]
+                   for split, chosen in (("dev", dev), ("test", test))}
+        return world.docs, sentences, heldout, SalientSpans.from_texts(d.text for d in world.docs)
     return _corpus_sentences(cfg)
 
 
@@ -264,6 +265,7 @@ def _corpus_sentences(cfg: Config):
     in training. Sentences without such a span mask a random salient span and count for MLM accuracy only.
     """
     docs = read_corpus(cfg.data.corpus)
+    finder = SalientSpans.from_texts(d.text for d in docs)
     by_title: dict[str, int] = {}
     for i, doc in enumerate(docs):
         by_title.setdefault(doc.title, i)
@@ -273,7 +275,7 @@ def _corpus_sentences(cfg: Config):
     for i, doc in enumerate(docs):
         for a, b in split_sentences(doc.text):
             text = doc.text[a:b]
-            spans = salient_spans(text)
+            spans = finder(text)
             wanted = len(test) < n_test or (len(dev) < n_dev and i not in test_docs)
             if spans and wanted and rng.random() < 0.05:
                 titled = [(s, by_title[text[s[0]:s[1]]]) for s in spans
@@ -290,4 +292,4 @@ def _corpus_sentences(cfg: Config):
                     dev.append(example)
             else:
                 sentences.append((text, i, (a, b)))
-    return docs, sentences, {"dev": dev, "test": test}
+    return docs, sentences, {"dev": dev, "test": test}, finder

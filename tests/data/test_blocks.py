@@ -1,4 +1,5 @@
 import os
+import unicodedata
 
 import numpy as np
 import pytest
@@ -135,8 +136,47 @@ def test_files_are_plain_npy_arrays(store):
 
 def test_chunking_does_not_change_the_store(store, tok, tmp_path):
     whole = BlockStore.build(DOCS, tok, tmp_path / "whole", batch_size=1024)
-    for name in ("tokens", "offsets", "title_len", "titles", "titles_offsets", "doc_ids", "doc_ids_offsets"):
+    for name in ("tokens", "offsets", "title_len", "titles", "titles_offsets", "doc_ids", "doc_ids_offsets", "texts",
+                 "texts_offsets", "token_chars"):
         assert np.array_equal(np.load(whole.path / f"{name}.npy"), np.load(store.path / f"{name}.npy")), name
+
+
+def test_token_chars_point_at_the_passage_characters(store, tok):
+    """Every token's characters, read from the block's own title or text, tokenize back to that token: uncased
+    pieces of "Café Ärger" point at the accented capitals, "##" pieces inside their word."""
+    for i, d in enumerate(DOCS):
+        ids, chars, n_title = store.tokens(i), store.token_chars(i), store.title_len(i)
+        assert chars.shape == (len(ids), 2) and chars.dtype == np.int32
+        assert store.text(i) == d.text  # nothing cut at max_len=288
+        assert chars[[0, n_title + 1, len(ids) - 1]].tolist() == [[0, 0]] * 3  # [CLS], [SEP], [SEP]
+        for p in range(1, len(ids) - 1):
+            if p == n_title + 1:
+                continue
+            source = d.title if p <= n_title else d.text
+            piece = tok.convert_ids_to_tokens(int(ids[p]))
+            a, b = chars[p]
+            plain = "".join(c for c in unicodedata.normalize("NFD", source[a:b]) if not unicodedata.combining(c))
+            assert plain.lower() == piece.removeprefix("##") or piece == "[UNK]", (piece, source[a:b])
+    title_chars = store.token_chars(2)[1:1 + store.title_len(2)]
+    assert store.title(2)[title_chars[0][0]:title_chars[-1][1]] == "Café Ärger"
+
+
+def test_a_v1_store_opens_and_says_to_rebuild_for_text(store, tmp_path):
+    import json
+    import shutil
+
+    old = tmp_path / "v1"
+    shutil.copytree(store.path, old)
+    for name in ("texts", "texts_offsets", "token_chars"):
+        (old / f"{name}.npy").unlink()
+    meta = json.loads((old / "meta.json").read_text())
+    (old / "meta.json").write_text(json.dumps({**meta, "version": 1}))
+    v1 = BlockStore.open(old)
+    assert v1.tokens(0).tolist() == store.tokens(0).tolist()
+    for read in (v1.text, v1.token_chars):
+        with pytest.raises(ValueError, match=r"a v1 block store has no .*; rebuild it") as info:
+            read(0)
+        assert str(old) in str(info.value) and "\n" not in str(info.value)
 
 
 def test_truncation_keeps_cls_title_and_final_sep(tok, tmp_path):
@@ -151,11 +191,14 @@ def test_truncation_keeps_cls_title_and_final_sep(tok, tmp_path):
     assert block[0] == tok.cls_token_id and block[-1] == tok.sep_token_id
     assert block[1:1 + len(title)] == title and block[1 + len(title)] == tok.sep_token_id
     assert s.text_tokens(0).tolist() == _ids(tok, long_text)[:16 - 3 - len(title)]
+    # The block's text is what its tokens cover, not the whole passage.
+    kept = s.token_chars(0)[2 + len(title):-1]
+    assert s.text(0) == long_text[:kept[-1][1]] and len(s.text(0)) < len(long_text)
 
     # A title that alone overflows is cut to fit; the text gets no room but the block stays well formed.
     block = s.tokens(1).tolist()
     assert block == [tok.cls_token_id, *_ids(tok, long_title)[:13], tok.sep_token_id, tok.sep_token_id]
-    assert s.text_tokens(1).tolist() == []
+    assert s.text_tokens(1).tolist() == [] and s.text(1) == ""
 
 
 def test_batch_pads_to_longest_with_masks(store):
