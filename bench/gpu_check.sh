@@ -77,10 +77,10 @@ pytest_step() {
 # Sourced (tests/test_gpu_check.py tries the step runner on its own): the functions only.
 [[ "${BASH_SOURCE[0]}" != "$0" ]] && return 0
 
+OUT=${1:?usage: bench/gpu_check.sh OUT_DIR}
+mkdir -p "$OUT" && OUT=$(cd "$OUT" && pwd)  # before the cd: a relative OUT is the caller's
 cd "$(dirname "$0")/.."
 ROOT=$PWD
-OUT=${1:?usage: bench/gpu_check.sh OUT_DIR}
-mkdir -p "$OUT" && OUT=$(cd "$OUT" && pwd)
 DRY=${GPU_CHECK_DRY:-}
 BUDGET_S=${GPU_CHECK_BUDGET_S:-540}
 RESERVE_S=15  # kept for the summary
