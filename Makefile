@@ -34,3 +34,21 @@ test: install
 
 clean:
 	rm -rf runs .pytest_cache
+
+# The wheels that bench/gpu_check.sh installs on a bare, offline GPU image (README "First GPU job"): the binary
+# wheels of bench/gpu_wheels.txt for CPython $(GPU_PY) on manylinux x86_64, and deepspeed (an sdist) built here into
+# a pure-Python wheel with no ops compiled (it needs the venv's torch: make install first). The folder is replaced
+# whole, never left half-written.
+GPU_WHEELS ?= .gpu-wheels
+GPU_PY ?= 3.12
+GPU_PLATFORMS := manylinux_2_28_x86_64 manylinux_2_27_x86_64 manylinux_2_17_x86_64 manylinux2014_x86_64 \
+	manylinux_2_12_x86_64 manylinux2010_x86_64 manylinux_2_5_x86_64 manylinux1_x86_64
+.PHONY: gpu-wheels
+gpu-wheels: | $(BIN)/python
+	rm -rf $(GPU_WHEELS).tmp && mkdir -p $(GPU_WHEELS).tmp
+	$(BIN)/pip download -q --no-deps --only-binary=:all: --python-version $(GPU_PY) --implementation cp \
+		$(addprefix --platform ,$(GPU_PLATFORMS)) -d $(GPU_WHEELS).tmp -r bench/gpu_wheels.txt
+	DS_BUILD_OPS=0 $(BIN)/pip wheel -q --no-deps --no-build-isolation -c requirements-pins.txt \
+		-w $(GPU_WHEELS).tmp deepspeed
+	rm -rf $(GPU_WHEELS) && mv $(GPU_WHEELS).tmp $(GPU_WHEELS)
+	@ls -1 $(GPU_WHEELS) && du -sh $(GPU_WHEELS)

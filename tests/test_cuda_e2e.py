@@ -78,6 +78,7 @@ def test_gpu_checkpoint_resumes_on_the_cpu(gpu_run, tmp_path):
 
 def test_one_deepspeed_trainer_on_cuda(tmp_path):
     """DS_ACCELERATOR=cpu (conftest's) must not pull the GPU trainer's engine to the CPU."""
+    pytest.importorskip("deepspeed")  # a bare GPU image may lack it (bench/gpu_check.sh then reports the skip)
     out = tmp_path / "ds"
     cfg = Path(__file__).parents[1] / "configs" / "ds_zero2.json"
     main([*PRETRAIN, "--out", str(out), "--set", "train.device=cuda", "--deepspeed-config", str(cfg)])
@@ -101,7 +102,8 @@ def test_mpi_refresher_on_cuda(tmp_path):
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
            "PATH": f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}"}
     env.pop("TRITON_INTERPRET", None)  # compiled Triton on the GPU
-    proc = subprocess.run([str(mpiexec), "-n", "2", str(bin_dir / "realm-hpc"), *PRETRAIN[:3], "--steps", "12",
+    # `python -m realm_hpc`, not the realm-hpc script: a GPU image runs the checkout on PYTHONPATH, not installed
+    proc = subprocess.run([str(mpiexec), "-n", "2", sys.executable, "-m", "realm_hpc", *PRETRAIN[:3], "--steps", "12",
                            "--out", str(out), *PRETRAIN[5:], "--set", "refresh.mode=mpi",
                            "--set", "train.device=cuda", "--set", "refresh.device=cuda"],
                           env=env, capture_output=True, text=True, timeout=600)
