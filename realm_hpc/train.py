@@ -105,7 +105,8 @@ class Pretrainer:
         try:
             if not state.ict_done:
                 self.ict()
-                self.checkpoint(live=None, stepper=None)
+                # The end-of-ICT checkpoint: weights, RNG and (ICT off) the untrained index REALM starts from.
+                self.checkpoint(live=self.untrained_index, stepper=None)
             live = self.realm(ckpt)
             summary = self.finish(live)
         finally:
@@ -171,6 +172,9 @@ class Pretrainer:
                 best = max(best, recall)
                 if stalls >= cfg.ict.patience:
                     break
+        # The last ICT gradient would otherwise be added to REALM's first one (and move the retriever during a
+        # warm-up that freezes it); a run resumed from the end-of-ICT checkpoint has no such leftover either.
+        opt.zero_grad(set_to_none=True)
         state.ict_done = True
         print0(f"dev recall@{k} after ICT ({state.ict_steps} steps): {state.dev_recall_after_ict:.3f}")
 
@@ -198,16 +202,24 @@ class Pretrainer:
         cfg, data, model, state, group = self.cfg, self.data, self.model, self.state, self.group
         k = cfg.retrieval.k
         retriever_lr = cfg.optim.lr * cfg.optim.retriever_lr_scale
+        # The end-of-ICT checkpoint (no optimizer yet) was the last thing before this: its RNG state is the one the
+        # uninterrupted run enters REALM with, before anything below (a DeepSpeed engine) draws from it.
+        in_realm = ckpt is not None and ckpt["run_state"]["step"] > 0
+        if ckpt is not None and not in_realm:
+            set_trainer_rng_state(ckpt, group)
         stepper = make_stepper(model, cfg, retriever_lr, group.size)
         micro, accum = micro_batch_size(cfg, group.size), cfg.train.grad_accum
-        if ckpt is not None and ckpt.get("index") is not None:
+        idx = ckpt.get("index") if ckpt is not None else None
+        if in_realm:
             stepper.load(ckpt, self.run_dir)
-            idx = ckpt["index"]
             live = index_from_full(idx["embeddings"], idx["version"], idx["weights_step"], group, cfg.index.sharded,
                                    self.device)
             set_trainer_rng_state(ckpt, group)
         else:
-            if self.untrained_index is not None and state.step == 0:
+            if idx is not None:  # ICT off: the untrained index, saved in the end-of-ICT checkpoint
+                live = index_from_full(idx["embeddings"], 1, idx["weights_step"], group, cfg.index.sharded,
+                                       self.device)
+            elif self.untrained_index is not None:
                 live, self.untrained_index = self.untrained_index, None
                 live.swap(replace(live.snapshot, version=1))
             else:
