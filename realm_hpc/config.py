@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -194,7 +195,25 @@ class Config:
         return dataclasses.asdict(self)
 
     def validate(self) -> "Config":
+        m = self.model
         checks = [
+            *_finite_floats(self),
+            *_at_least(self, 1, "model.hidden", "model.layers", "model.heads", "model.intermediate", "model.proj_dim",
+                       "model.vocab_size", "model.query_len", "ict.batch_size", "ict.eval_every", "ict.patience",
+                       "train.steps", "train.reader_warmup_k", "train.log_every", "train.eval_every",
+                       "train.checkpoint_every", "refresh.batch_size", "eval.batch_size", "qa.steps",
+                       "qa.phrasings_per_fact", "data.world_people", "data.world_orgs", "data.world_cities",
+                       "data.world_surnames"),
+            *_at_least(self, 0, "ict.steps", "train.reader_warmup_steps", "train.retriever_freeze_steps",
+                       "optim.warmup_steps", "optim.weight_decay", "optim.retriever_lr_scale", "qa.warmup_steps",
+                       "qa.retriever_lr_scale", "qa.eval_examples", "refresh.max_staleness", "refresh.timeout_s",
+                       "data.heldout_facts", "data.eval_examples"),
+            *_positive(self, "optim.lr", "optim.head_lr_scale", "optim.grad_clip", "ict.lr", "qa.lr"),
+            (0.0 <= self.ict.keep_sentence_prob <= 1.0, "ict.keep_sentence_prob must be in [0, 1]"),
+            (m.hidden % m.heads == 0 if m.heads >= 1 else True,
+             f"model.hidden={m.hidden} is not divisible by model.heads={m.heads}"),
+            # [CLS] title [SEP] text [SEP]: room for at least one token of text
+            (m.block_len >= 4, f"model.block_len={m.block_len}: a block needs at least 4 tokens"),
             (self.refresh.mode in ("inline", "mpi"), "refresh.mode must be 'inline' or 'mpi'"),
             (self.retrieval.k >= 1, "retrieval.k must be >= 1"),
             (self.model.pooling in ("cls", "mean"), "model.pooling must be 'cls' or 'mean'"),
@@ -228,6 +247,31 @@ class Config:
             if not ok:
                 raise ConfigError(message)
         return self
+
+
+def _value(cfg: Config, key: str) -> Any:
+    section, name = key.split(".")
+    return getattr(getattr(cfg, section), name)
+
+
+def _at_least(cfg: Config, low: int, *keys: str) -> list[tuple[bool, str]]:
+    return [(_value(cfg, k) >= low, f"{k}={_value(cfg, k)}: must be >= {low}") for k in keys]
+
+
+def _positive(cfg: Config, *keys: str) -> list[tuple[bool, str]]:
+    return [(_value(cfg, k) > 0, f"{k}={_value(cfg, k)}: must be > 0") for k in keys]
+
+
+def _finite_floats(cfg: Config) -> list[tuple[bool, str]]:
+    """nan and inf parse as floats, and no knob means them (nan would also slip through every comparison)."""
+    out = []
+    for part in dataclasses.fields(cfg):
+        section = getattr(cfg, part.name)
+        for f in dataclasses.fields(section) if dataclasses.is_dataclass(section) else ():
+            value = getattr(section, f.name)
+            if type(value) is float:
+                out.append((math.isfinite(value), f"{part.name}.{f.name}={value}: must be a finite number"))
+    return out
 
 
 def _parse_value(key: str, raw: str, current: Any) -> Any:
