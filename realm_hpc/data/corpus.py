@@ -193,6 +193,7 @@ def iter_corpus(path: str | os.PathLike) -> Iterator[Doc]:
 
 def _validated(path: Path, parsed: Iterable[tuple[int, Doc]]) -> Iterator[Doc]:
     first_seen: dict[str, int] = {}
+    lineno = 1
     for lineno, doc in parsed:
         if not doc.id:
             raise CorpusFormatError(path, lineno, "empty id")
@@ -202,6 +203,8 @@ def _validated(path: Path, parsed: Iterable[tuple[int, Doc]]) -> Iterator[Doc]:
             raise CorpusFormatError(path, lineno, f"duplicate id {doc.id!r} (first at line {first_seen[doc.id]})")
         first_seen[doc.id] = lineno
         yield doc
+    if not first_seen:  # an empty file, a header alone, blank lines, `{}`: nothing to tokenize or index
+        raise CorpusFormatError(path, lineno, "no documents in the file")
 
 
 def read_corpus(path: str | os.PathLike) -> list[Doc]:
