@@ -6,13 +6,12 @@ with one warning line and training goes on."""
 from __future__ import annotations
 
 import json
-import math
 import os
 import sys
 from pathlib import Path
 from typing import Any
 
-from realm_hpc.checkpoint import atomic_write, atomic_write_text
+from realm_hpc.checkpoint import atomic_write, atomic_write_text, json_safe
 
 METRICS_FILE = "metrics.jsonl"
 CURVES_FILE = "curves.png"
@@ -22,9 +21,7 @@ def _json_value(v: Any) -> Any:
     # Tensors and numpy scalars arrive from training code; .item() turns them into Python numbers.
     if hasattr(v, "item"):
         v = v.item()
-    if isinstance(v, float) and not math.isfinite(v):
-        return None  # JSON has no NaN/inf; null keeps every line parseable by strict readers
-    return v
+    return json_safe(v)  # null for NaN/inf keeps every line parseable by strict readers
 
 
 def _tb_tag(key: str) -> str:
