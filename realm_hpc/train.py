@@ -19,14 +19,16 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from realm_hpc import preempt
-from realm_hpc.checkpoint import atomic_write_json, load_checkpoint, save_trainer_checkpoint, set_trainer_rng_state
-from realm_hpc.config import Config
+from realm_hpc.checkpoint import (atomic_write_json, load_checkpoint, load_weights, save_trainer_checkpoint,
+                                  set_trainer_rng_state)
+from realm_hpc.config import Config, ConfigError
 from realm_hpc.data.examples import Batch, PretrainData
 from realm_hpc.device import group_device
 from realm_hpc.dist import TrainerGroup, barrier, broadcast_from_trainer0, mean_over_trainers, print0
 from realm_hpc.evaluate import (heldout_metrics, mlm_accuracy, mlm_token_hits, paired_sign_test, per_example,
                                 per_token, recall_at_k, retrieval_metrics, share)
 from realm_hpc.metrics import MetricsLogger, plot_curves
+from realm_hpc.models.encoders import pretrained_dir
 from realm_hpc.models.realm import Realm
 from realm_hpc.optim import build_optimizer, make_stepper, micro_batch_size
 from realm_hpc.retrieval.index import LiveIndex
@@ -62,6 +64,26 @@ def fresh_index(model: Realm, data: PretrainData, cfg: Config, version: int, ste
                        cfg.index.sharded)
 
 
+def check_corpus_sizes(cfg: Config, data: PretrainData) -> None:
+    """Knobs the corpus must be large enough for: refused at the start with the key named, not deep in a search."""
+    where = f"data.corpus={cfg.data.corpus}" if cfg.data.corpus else "the embedded world"
+    n = len(data.blocks)
+    wants = [("retrieval.k", cfg.retrieval.k)]
+    if cfg.train.reader_warmup_steps > 0:
+        wants.append(("train.reader_warmup_k", cfg.train.reader_warmup_k))
+    for key, k in wants:
+        if k > n - 1:
+            raise ConfigError(f"{key}={k} is more than {where} can return: {n} documents, {n - 1} besides a "
+                              "query's own")
+    sentences = len(data.train.text)
+    if sentences == 0:
+        raise ConfigError(f"{where} has no training sentence ({len(data.eval)} held out for evaluation, "
+                          "data.eval_examples)")
+    if cfg.ict.steps > 0 and cfg.ict.batch_size > sentences:
+        raise ConfigError(f"ict.batch_size={cfg.ict.batch_size} is more than the {sentences} training sentences of "
+                          f"{where}")
+
+
 def batch_rows(batch: Batch, a: int, b: int) -> Batch:
     """Rows [a, b) of a batch: a trainer's micro batch of the global one."""
     return Batch(batch.query_ids[a:b], batch.query_mask[a:b], batch.x_tokens[a:b], batch.positions[a:b],
@@ -79,6 +101,8 @@ class Pretrainer:
         self.refresher_factory = refresher_factory  # (data) -> refresher; None = inline
         self.group = group
         micro_batch_size(cfg, group.size)  # a batch the trainers cannot split stops here, not after ICT
+        if cfg.model.pretrained:
+            pretrained_dir(cfg.model.pretrained)  # before its tokenizer is read for the data
         self.device = group_device(group, cfg.train.device)
         self.t0 = time.perf_counter()
         self.untrained_index: LiveIndex | None = None  # set by ict() when ICT is off (see realm())
@@ -89,13 +113,14 @@ class Pretrainer:
         self.run_dir.mkdir(parents=True, exist_ok=True)
         torch.manual_seed(cfg.train.seed)
         data = self.data = self._data()
+        check_corpus_sizes(cfg, data)
         model = self.model = Realm(cfg, data.vocab_size).to(self.device)  # initialised on the CPU: same weights
         print0(f"training on {self.device} ({self.group.size} trainer(s), train.device={cfg.train.device})")
         state = RunState()
         ckpt = None
         if self.resume and (self.run_dir / "checkpoint").exists():
             ckpt = load_checkpoint(self.run_dir / "checkpoint")  # CPU tensors, whatever device wrote them
-            model.load_state_dict(ckpt["model"])
+            load_weights(model, ckpt["model"], self.run_dir / "checkpoint")
             state = RunState(**ckpt["run_state"])
             print0(f"resuming at step {state.step} (ict done: {state.ict_done})")
         self.state = state

@@ -15,14 +15,14 @@ from transformers import BertForMaskedLM
 
 import kernels
 from realm_hpc.config import ModelConfig
-from realm_hpc.models.encoders import bert_config
+from realm_hpc.models.encoders import bert_config, pretrained_dir
 
 
 class Reader(nn.Module):
     def __init__(self, cfg: ModelConfig, vocab_size: int):
         super().__init__()
         if cfg.pretrained:
-            self.mlm = BertForMaskedLM.from_pretrained(cfg.pretrained)
+            self.mlm = BertForMaskedLM.from_pretrained(pretrained_dir(cfg.pretrained))
         else:
             self.mlm = BertForMaskedLM(bert_config(cfg, vocab_size, cfg.reader_len))
         hidden = self.mlm.config.hidden_size
