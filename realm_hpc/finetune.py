@@ -43,7 +43,7 @@ from realm_hpc.metrics import MetricsLogger
 from realm_hpc.models.encoders import Encoder, Retriever
 from realm_hpc.models.reader import Reader
 from realm_hpc.models.span_reader import SpanReader, qa_marginal_loss, span_log_softmax
-from realm_hpc.optim import make_stepper, micro_batch_size, step_plan, warmup_schedule
+from realm_hpc.optim import check_step_plan, make_stepper, micro_batch_size, step_plan, warmup_schedule
 from realm_hpc.runs import load_run
 
 
@@ -215,7 +215,7 @@ class Finetuner:
                    if pre[section][key] != value]
         if changed:
             raise ConfigError(f"{', '.join(changed)}: a fine-tune keeps the pretrained run's model and data settings")
-        micro_batch_size(step_plan(cfg, "qa"), group.size)  # a batch the trainers cannot split stops here, not later
+        check_step_plan(step_plan(cfg, "qa"), group.size)  # a batch the trainers cannot split stops here, not later
 
     def run(self) -> dict:
         cfg, out = self.cfg, self.out
@@ -348,7 +348,8 @@ class Finetuner:
         train = splits["train"]
         ckpt = load_checkpoint(self.out / "checkpoint") if self.resume and (self.out / "checkpoint").exists() else None
         if ckpt is not None:
-            load_weights(model, ckpt["model"], self.out / "checkpoint")  # before the stepper: DeepSpeed copies the weights it starts from
+            # before the stepper: DeepSpeed copies the weights it starts from
+            load_weights(model, ckpt["model"], self.out / "checkpoint")
         plan = step_plan(cfg, "qa")
         stepper = make_stepper(model, plan, qa.lr * qa.retriever_lr_scale, group.size)
         micro = micro_batch_size(plan, group.size)

@@ -30,7 +30,7 @@ from realm_hpc.evaluate import (heldout_metrics, mlm_accuracy, mlm_token_hits, p
 from realm_hpc.metrics import MetricsLogger, plot_curves
 from realm_hpc.models.encoders import pretrained_dir
 from realm_hpc.models.realm import Realm
-from realm_hpc.optim import build_optimizer, make_stepper, micro_batch_size
+from realm_hpc.optim import build_optimizer, check_step_plan, make_stepper, micro_batch_size
 from realm_hpc.retrieval.index import LiveIndex
 from realm_hpc.retrieval.refresh import InlineRefresher
 from realm_hpc.retrieval.sharded import build_index, full_embeddings, index_from_full
@@ -73,7 +73,7 @@ def check_corpus_sizes(cfg: Config, data: PretrainData) -> None:
         wants.append(("train.reader_warmup_k", cfg.train.reader_warmup_k))
     for key, k in wants:
         if k > n - 1:
-            raise ConfigError(f"{key}={k} is more than {where} can return: {n} documents, {n - 1} besides a "
+            raise ConfigError(f"{key}={k} is more than {where} can return: {n} document(s), {n - 1} besides a "
                               "query's own")
     sentences = len(data.train.text)
     if sentences == 0:
@@ -100,7 +100,7 @@ class Pretrainer:
         self.cfg, self.run_dir, self.resume = cfg, Path(run_dir), resume
         self.refresher_factory = refresher_factory  # (data) -> refresher; None = inline
         self.group = group
-        micro_batch_size(cfg, group.size)  # a batch the trainers cannot split stops here, not after ICT
+        check_step_plan(cfg, group.size)  # a batch the trainers cannot split, a bad DeepSpeed JSON: here, not after ICT
         if cfg.model.pretrained:
             pretrained_dir(cfg.model.pretrained)  # before its tokenizer is read for the data
         self.device = group_device(group, cfg.train.device)
