@@ -57,7 +57,7 @@ def atomic_write(path: str | os.PathLike, write_fn: Callable[[BinaryIO], Any]) -
     except BaseException:
         try:
             os.unlink(tmp)
-        except FileNotFoundError:
+        except OSError:  # a second error here would hide the first
             pass
         raise
     fsync_path(path.parent)
@@ -201,8 +201,14 @@ def save_checkpoint(ckpt_dir: str | os.PathLike, state: dict) -> Path:
     return ckpt_dir / STATE_FILE
 
 
-def load_checkpoint(ckpt_dir: str | os.PathLike) -> dict:
-    """Load the newest complete checkpoint under `ckpt_dir` on CPU with `weights_only=True`.
+def has_checkpoint(ckpt_dir: str | os.PathLike) -> bool:
+    """Whether a complete checkpoint is there (or where a crash left it)."""
+    return _find_state_file(Path(ckpt_dir)) is not None
+
+
+def load_checkpoint(ckpt_dir: str | os.PathLike, mmap: bool = False) -> dict:
+    """Load the newest complete checkpoint under `ckpt_dir` on CPU with `weights_only=True`. mmap: tensors stay in
+    the file until touched (a cheap look at its small entries).
 
     Raises FileNotFoundError if there is none, ValueError (naming the file) if it cannot be unpickled.
     """
@@ -211,7 +217,7 @@ def load_checkpoint(ckpt_dir: str | os.PathLike) -> dict:
     if path is None:
         raise FileNotFoundError(f"no checkpoint at {ckpt_dir / STATE_FILE}")
     try:
-        return torch.load(path, weights_only=True, map_location="cpu")
+        return torch.load(path, weights_only=True, map_location="cpu", mmap=mmap)
     except (PermissionError, FileNotFoundError):
         raise
     # A truncated zip surfaces as OSError(EINVAL) from a seek, a garbled one as RuntimeError or UnpicklingError.

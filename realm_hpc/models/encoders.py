@@ -19,7 +19,8 @@ def bert_config(cfg: ModelConfig, vocab_size: int, max_len: int) -> BertConfig:
                       attention_probs_dropout_prob=cfg.dropout)
 
 
-WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin", "model.safetensors.index.json", "pytorch_model.bin.index.json")
+WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin", "model.safetensors.index.json",
+                "pytorch_model.bin.index.json")
 
 
 def pretrained_dir(path: str) -> str:
