@@ -340,7 +340,7 @@ class Finetuner:
     def _resume_step(self) -> int | None:
         if self.resume and (self.out / "checkpoint").exists():
             return int(load_checkpoint(self.out / "checkpoint")["step"])
-        return None
+        return -1 if self.resume else None  # stopped before its first checkpoint: it starts over, drop its rows
 
     # -- the open-book loop ----------------------------------------------------------------------------------
     def train(self, model: QAModel, splits: dict, log: MetricsLogger) -> None:
