@@ -237,6 +237,8 @@ def cmd_retrieve(args) -> None:
 
     if bool(args.question) == bool(args.queries):
         raise ConfigError("retrieve needs a question or --queries FILE (not both)")
+    if args.question is not None and not args.question.strip():  # --queries files refuse blank questions too
+        raise ConfigError("retrieve: the question is blank (give a question or --queries FILE)")
     if args.out and not args.queries:
         raise ConfigError("--out goes with --queries")
     if args.batch_size < 1:

@@ -15,7 +15,7 @@ from realm_hpc.config import Config, ConfigError, load_config
 from realm_hpc.dist import (TrainerGroup, barrier, init_trainer_group, launched_by_mpi, leave_if_finalize_would_hang,
                             mpi_roles, print0, spawn_would_wait_forever, trainer_comm)
 from realm_hpc.metrics import format_summary
-from realm_hpc.runs import check_out, check_resume_trainers, starting, write_run_config
+from realm_hpc.runs import check_out, check_resume_checkpoint, starting, write_run_config
 
 
 def trainer_group(cfg: Config) -> TrainerGroup:
@@ -39,7 +39,7 @@ def check_run_dir(out: Path, cfg: Config, group: TrainerGroup, resume: bool, ove
     the new run's config.json)."""
     check_out(out, resume, overwrite)
     if resume:
-        check_resume_trainers(out, cfg, group.size)
+        check_resume_checkpoint(out, cfg, group.size)
     barrier(group)
 
 

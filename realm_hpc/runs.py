@@ -78,8 +78,9 @@ def saved_config(out: str | Path, command: str) -> Config:
     is none, or when it is the other command's run."""
     path = Path(out) / "config.json"
     if not path.is_file():
-        held = "; it has " + ", ".join(run_contents(Path(out))) if run_contents(Path(out)) else ""
-        raise ConfigError(f"--resume: {out} holds no run (no config.json{held}): drop --resume to start one there")
+        held = run_contents(Path(out))
+        also = f"; it has {', '.join(held)}" if held else ""
+        raise ConfigError(f"--resume: {out} holds no run (no config.json{also}): drop --resume to start one there")
     cfg = load_config(str(path))
     if bool(cfg.qa.pretrained) != (command == "finetune"):
         kind, other = ("a fine-tune", "finetune") if cfg.qa.pretrained else ("a pretraining run", "pretrain")
@@ -105,15 +106,24 @@ def _flat(tree: dict, prefix: str = "") -> dict:
     return out
 
 
-def check_resume_trainers(out: Path, cfg: Config, n_trainers: int) -> None:
-    """Where the trainer count matters on --resume: optimizer state in DeepSpeed ZeRO shards loads only into as many
-    trainers as wrote them, and a lone trainer's AdamW state (in state.pt) only into a lone trainer without
-    DeepSpeed. Otherwise it would be dropped without a word (or DeepSpeed raises deep inside its loader)."""
+def check_resume_checkpoint(out: Path, cfg: Config, n_trainers: int) -> None:
+    """What --resume needs of the checkpoint beyond the config (a cheap look: its tensors stay in the file). The
+    vocabulary: its embedding rows are the run's tokenizer's. The trainer count, where it matters: optimizer state
+    in DeepSpeed ZeRO shards loads only into as many trainers as wrote them, and a lone trainer's AdamW state (in
+    state.pt) only into a lone trainer without DeepSpeed; otherwise it would be dropped without a word, or DeepSpeed
+    would raise deep inside its loader."""
     from realm_hpc.checkpoint import has_checkpoint, load_checkpoint
+    from realm_hpc.data.tokenizer import load_tokenizer
 
     if not has_checkpoint(out / "checkpoint"):
         return
     state = load_checkpoint(out / "checkpoint", mmap=True)
+    rows = next((v.shape[0] for k, v in state.get("model", {}).items() if k.endswith("word_embeddings.weight")), None)
+    run = Path(cfg.qa.pretrained) if cfg.qa.pretrained else out  # a fine-tune reads its pretrained run's tokenizer
+    tokenizer = Path(cfg.model.pretrained) if cfg.model.pretrained else run / "data" / "tokenizer"
+    if rows is not None and tokenizer.is_dir() and rows != len(load_tokenizer(tokenizer)):
+        raise ConfigError(f"--resume: the checkpoint in {out} embeds {rows} tokens, the tokenizer {tokenizer} has "
+                          f"{len(load_tokenizer(tokenizer))}: they are not of one run")
     saved_n = len(state.get("rng_ranks") or [None])
     deepspeed_now = n_trainers > 1 or bool(cfg.train.deepspeed)
     tag = state.get("deepspeed_tag")
@@ -179,39 +189,41 @@ def starting(out: Path, resume: bool, overwrite: bool, writer: bool):
     if not writer or resume:
         yield
         return
-    missing = [p for p in (out.absolute(), *out.absolute().parents) if not p.exists()]
-    before = set(os.listdir(out)) if out.is_dir() else set()
+    created = [p for p in (out.absolute(), *out.absolute().parents) if not p.exists()]
+    found = set(os.listdir(out)) if out.is_dir() else set()
     aside = None
     if overwrite and run_contents(out):
         aside = out.absolute().parent / f".{out.name}.replaced-{os.getpid()}"
         aside.mkdir()
-        for name in sorted(before):
-            if _is_run_entry(name):
-                os.replace(out / name, aside / name)
-                before.discard(name)
+        for name in sorted(n for n in found if _is_run_entry(n)):
+            os.replace(out / name, aside / name)
+            found.discard(name)
     try:
         yield
     except _INPUT_ERRORS:
         if not has_checkpoint(out / "checkpoint"):
-            if missing:
-                shutil.rmtree(missing[-1], ignore_errors=True)  # the first directory this start created
-            elif out.is_dir():
-                for name in set(os.listdir(out)) - before:
-                    path = out / name
-                    shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
-            if aside is not None:
-                out.mkdir(parents=True, exist_ok=True)
-                for path in aside.iterdir():
-                    os.replace(path, out / path.name)
+            _take_back(out, created[-1] if created else None, found, aside)
+        raise
+    finally:
         if aside is not None:
             shutil.rmtree(aside, ignore_errors=True)
-        raise
-    except BaseException:
-        if aside is not None:
-            shutil.rmtree(aside, ignore_errors=True)
-        raise
+
+
+def _take_back(out: Path, first_created: Path | None, found: set[str], aside: Path | None) -> None:
+    """Remove what a failed start wrote: the first directory it created, else the entries of --out that were not
+    there before; then move a run set aside by --overwrite back."""
+    if first_created is not None:
+        shutil.rmtree(first_created, ignore_errors=True)
+    elif out.is_dir():
+        for name in set(os.listdir(out)) - found:
+            if (out / name).is_dir():
+                shutil.rmtree(out / name, ignore_errors=True)
+            else:
+                (out / name).unlink(missing_ok=True)
     if aside is not None:
-        shutil.rmtree(aside, ignore_errors=True)
+        out.mkdir(parents=True, exist_ok=True)
+        for path in aside.iterdir():
+            os.replace(path, out / path.name)
 
 
 def write_run_config(run_dir: Path, cfg: Config, group) -> None:

@@ -11,7 +11,7 @@ import pytest
 from realm_hpc.cli import main
 from realm_hpc.config import ConfigError
 from realm_hpc.metrics import read_metrics
-from realm_hpc.runs import check_resume_trainers, saved_config
+from realm_hpc.runs import check_resume_checkpoint, saved_config
 
 SMALL = ["--recipe", "tiny", "--steps", "3", "--set", "ict.steps=2", "--set", "ict.eval_every=2",
          "--set", "train.reader_warmup_steps=1", "--set", "train.eval_every=1000", "--set", "refresh.every=2",
@@ -147,19 +147,34 @@ def test_resume_with_another_trainer_count_is_refused_where_it_matters(tmp_path)
 
     cfg = Config()
     save_checkpoint(tmp_path / "checkpoint", {"deepspeed_tag": "step10", "rng_ranks": [{}, {}], "optimizer": None})
-    check_resume_trainers(tmp_path, cfg, 2)  # as many trainers as wrote the ZeRO shards
+    check_resume_checkpoint(tmp_path, cfg, 2)  # as many trainers as wrote the ZeRO shards
     with pytest.raises(ConfigError, match=r"DeepSpeed shards of 2 trainer\(s\).*resume with 2 trainer\(s\)"):
-        check_resume_trainers(tmp_path, cfg, 1)
+        check_resume_checkpoint(tmp_path, cfg, 1)
     save_checkpoint(tmp_path / "checkpoint", {"deepspeed_tag": None, "rng_ranks": [{}], "optimizer": {"state": {}}})
-    check_resume_trainers(tmp_path, cfg, 1)
+    check_resume_checkpoint(tmp_path, cfg, 1)
     with pytest.raises(ConfigError, match="one trainer with plain AdamW"):
-        check_resume_trainers(tmp_path, cfg, 2)
+        check_resume_checkpoint(tmp_path, cfg, 2)
     # the end-of-ICT checkpoint holds no optimizer state: any trainer count may continue it
     save_checkpoint(tmp_path / "checkpoint", {"deepspeed_tag": None, "rng_ranks": [{}], "optimizer": None})
-    check_resume_trainers(tmp_path, cfg, 3)
+    check_resume_checkpoint(tmp_path, cfg, 3)
 
 
 def test_a_fine_tune_and_a_pretraining_run_are_told_apart_on_resume(run):
     with pytest.raises(ConfigError, match="holds a pretraining run"):
         saved_config(run, "finetune")
     assert saved_config(run, "pretrain").recipe == "tiny"
+
+
+def test_resume_with_a_checkpoint_of_another_vocabulary_is_refused(run):
+    from realm_hpc.checkpoint import load_checkpoint, save_checkpoint
+    from realm_hpc.config import load_config
+
+    cfg = load_config(str(run / "config.json"))
+    check_resume_checkpoint(run, cfg, 1)  # the run's own checkpoint and tokenizer agree
+    state = load_checkpoint(run / "checkpoint")
+    key = next(k for k in state["model"] if k.endswith("word_embeddings.weight"))
+    rows = state["model"][key].shape[0]
+    state["model"][key] = state["model"][key][: rows - 10]
+    save_checkpoint(run / "checkpoint", state)
+    with pytest.raises(ConfigError, match=f"embeds {rows - 10} tokens, the tokenizer .* has {rows}"):
+        check_resume_checkpoint(run, cfg, 1)
