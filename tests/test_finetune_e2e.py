@@ -251,8 +251,8 @@ def test_no_usable_training_question_is_refused_and_says_how_many(pretrained, tm
     with pytest.raises(SystemExit) as exit_:
         main(["finetune", "--recipe", "qa-tiny", "--pretrained", str(pretrained), "--out", str(tmp_path / "ft"),
               "--set", f"qa.train={qa}"])
-    err = capsys.readouterr().err.strip()
-    assert exit_.value.code == 2 and "\n" not in err
+    err = capsys.readouterr().err.strip().splitlines()[-1]  # after the index build's progress bar
+    assert exit_.value.code == 2
     assert err.startswith("error: qa.train: none of the 3 training questions has a gold answer span in its top-5")
     assert not (tmp_path / "ft").exists()  # a start that fails on its input leaves --out as it found it
 
