@@ -77,8 +77,9 @@ def check_corpus_sizes(cfg: Config, data: PretrainData) -> None:
                               "query's own")
     sentences = len(data.train.text)
     if sentences == 0:
-        raise ConfigError(f"{where} has no training sentence ({len(data.eval)} held out for evaluation, "
-                          "data.eval_examples)")
+        held = len(data.heldout("test")) + len(data.heldout("dev"))
+        raise ConfigError(f"{where} has no training sentence ({held} held out for evaluation by data.eval_examples "
+                          "and data.dev_examples)")
     if cfg.ict.steps > 0 and cfg.ict.batch_size > sentences:
         raise ConfigError(f"ict.batch_size={cfg.ict.batch_size} is more than the {sentences} training sentences of "
                           f"{where}")

@@ -164,7 +164,7 @@ def test_a_batch_the_trainers_cannot_split_stops_before_ict(tmp_path):
     "model.block_len=3", "ict.steps=-1", "ict.eval_every=0", "ict.batch_size=0", "ict.keep_sentence_prob=1.5",
     "train.checkpoint_every=0", "train.log_every=0", "train.reader_warmup_steps=-1", "optim.lr=0", "optim.lr=nan",
     "optim.grad_clip=-1", "refresh.timeout_s=inf", "refresh.batch_size=0", "eval.batch_size=0",
-    "data.eval_examples=-1", "qa.steps=0", "qa.lr=-0.1",
+    "data.eval_examples=-1", "data.eval_examples=0", "data.dev_examples=-1", "qa.steps=0", "qa.lr=-0.1",
 ])
 def test_nonsensical_values_are_refused_naming_the_key(item):
     key = item.split("=")[0]

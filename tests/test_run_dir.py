@@ -17,7 +17,7 @@ SMALL = ["--recipe", "tiny", "--steps", "3", "--set", "ict.steps=2", "--set", "i
          "--set", "train.reader_warmup_steps=1", "--set", "train.eval_every=1000", "--set", "refresh.every=2",
          "--set", "data.world_people=60", "--set", "data.world_orgs=12", "--set", "data.world_cities=6",
          "--set", "data.heldout_facts=10", "--set", "model.vocab_size=400",
-         "--set", "data.eval_examples=0"]  # no held-out example: recall is undefined, and summary.json says null
+         "--set", "data.dev_examples=0"]  # no dev example: dev recall is undefined, and summary.json says null
 
 
 @pytest.fixture(scope="module")
@@ -55,7 +55,8 @@ def test_summary_json_is_strict_json(finished):
         raise ValueError(f"non-standard JSON constant {name}")
 
     summary = json.loads((finished / "summary.json").read_text(), parse_constant=refuse)
-    assert summary["eval_examples"] == 0 and summary["recall_at_8"] is None and summary["mlm_acc_retrieval"] is None
+    assert summary["dev_examples"] == 0 and summary["dev_recall_at_8"] is None
+    assert summary["dev_mlm_acc_retrieval"] is None and isinstance(summary["test_recall_at_8"], float)
 
 
 def test_a_second_run_into_a_finished_out_is_refused(run, capsys):

@@ -295,7 +295,8 @@ def test_pretraining_data_warns_once_and_trains_only_on_the_kept_text(tmp_path, 
     rows = [{"id": str(i), "title": f"Page {i}", "text": line} for i, line in enumerate(_TEXTS[:40])]
     rows.append({"id": "curie", "title": "Marie Curie", "text": CURIE * 7000})  # ~2 MB
     corpus.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
-    cfg = apply_overrides(get_recipe("tiny"), [f"data.corpus={corpus}", "model.block_len=64", "model.vocab_size=300"])
+    cfg = apply_overrides(get_recipe("tiny"), [f"data.corpus={corpus}", "model.block_len=64", "model.vocab_size=300",
+                                               "data.dev_examples=0"])
     data = PretrainData(cfg, tmp_path / "run")
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("warning: data.corpus: 1 document(s) cut to their first 2,048 "
