@@ -29,7 +29,7 @@ from realm_hpc.evaluate import (heldout_metrics, mlm_accuracy, mlm_token_hits, p
 from realm_hpc.metrics import MetricsLogger, plot_curves
 from realm_hpc.models.realm import Realm
 from realm_hpc.optim import build_optimizer, make_stepper, micro_batch_size
-from realm_hpc.retrieval.index import LiveIndex
+from realm_hpc.retrieval.index import LIVE_DTYPES, LiveIndex
 from realm_hpc.retrieval.refresh import InlineRefresher
 from realm_hpc.retrieval.sharded import build_index, full_embeddings, index_from_full
 
@@ -59,7 +59,7 @@ def fresh_index(model: Realm, data: PretrainData, cfg: Config, version: int, ste
                 group: TrainerGroup = TrainerGroup()) -> LiveIndex:
     """The index of the current doc encoder; several trainers split the encoding (collective)."""
     return build_index(model.retriever.doc, data.blocks, cfg.refresh.batch_size, version, step, group,
-                       cfg.index.sharded)
+                       cfg.index.sharded, dtype=LIVE_DTYPES[cfg.index.live_dtype])
 
 
 def batch_rows(batch: Batch, a: int, b: int) -> Batch:
@@ -191,7 +191,7 @@ class Pretrainer:
             emb = pooled.to(w.device) @ w.T
         print0(f"model.proj_init=pca: projection = the top {cfg.model.proj_dim} principal directions of the corpus's "
                f"{pooled.shape[1]}-d vectors")
-        return index_from_full(emb, 0, 0, group, cfg.index.sharded, self.device)
+        return index_from_full(emb, 0, 0, group, cfg.index.sharded, self.device, LIVE_DTYPES[cfg.index.live_dtype])
 
     # -- REALM -------------------------------------------------------------------------------------------------
     def realm(self, ckpt: dict | None) -> LiveIndex:
@@ -204,7 +204,7 @@ class Pretrainer:
             stepper.load(ckpt, self.run_dir)
             idx = ckpt["index"]
             live = index_from_full(idx["embeddings"], idx["version"], idx["weights_step"], group, cfg.index.sharded,
-                                   self.device)
+                                   self.device, LIVE_DTYPES[cfg.index.live_dtype])
             set_trainer_rng_state(ckpt, group)
         else:
             if self.untrained_index is not None and state.step == 0:
