@@ -144,6 +144,9 @@ class TrainConfig:
     # auto | cpu | cuda: where a trainer (pretraining and fine-tuning) keeps its model and batches. auto = this
     # trainer's own GPU when CUDA is there and the node has a GPU per trainer, else the CPU (realm_hpc/device.py)
     device: str = "auto"
+    # torch.use_deterministic_algorithms + CUBLAS_WORKSPACE_CONFIG in trainers and refreshers (realm_hpc/device.py):
+    # on a GPU, the same run gives the same losses (scatter_add_ and the embedding backward otherwise vary)
+    deterministic: bool = False
 
 
 @dataclass(kw_only=True)
