@@ -298,7 +298,7 @@ class Pretrainer:
         self.state.wall_s += time.perf_counter() - self.t0
         self.t0 = time.perf_counter()
         st = self.state
-        embeddings = None if live is None else full_embeddings(live)  # collective
+        embeddings = None if live is None else full_embeddings(live)  # collective; a sharded index's: trainer 0's
 
         def state() -> dict:
             return {"model": self.model.state_dict(),

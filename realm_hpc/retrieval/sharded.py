@@ -81,12 +81,25 @@ class ShardedIndex(LiveIndex):
         rows = slice(mine, mine + q.shape[0])
         return top_scores[rows].to(queries.device), top_ids[rows].to(queries.device)
 
-    def full_embeddings(self) -> torch.Tensor:
-        """All N rows (collective), e.g. for a checkpoint."""
-        return torch.cat(_all_gather_rows(self.group, self.snapshot.embeddings)[0])
+    def full_embeddings(self) -> torch.Tensor | None:
+        """All N rows on trainer 0, on its CPU, e.g. for a checkpoint (collective; the other trainers get None). The
+        shards arrive one at a time, so no device holds more than its own shard and the one in flight."""
+        emb, device = self.snapshot.embeddings, torch.device(self.group.comm_device)
+        if self.group.rank != 0:
+            dist.send(emb.to(device).contiguous(), dst=0)
+            return None
+        full = torch.empty(self.n_total, emb.shape[1], dtype=emb.dtype)
+        full[self.rows.start:self.rows.stop] = emb.cpu()
+        for r in range(1, self.group.size):
+            rows = shard_range(self.n_total, self.group.size, r)
+            buf = torch.empty(len(rows), emb.shape[1], dtype=emb.dtype, device=device)
+            dist.recv(buf, src=r)
+            full[rows.start:rows.stop] = buf.cpu()
+        return full
 
 
-def full_embeddings(index: LiveIndex) -> torch.Tensor:
+def full_embeddings(index: LiveIndex) -> torch.Tensor | None:
+    """All N rows of the index: a replicated one's own; a sharded one's on trainer 0 (None on the others)."""
     return index.full_embeddings() if isinstance(index, ShardedIndex) else index.snapshot.embeddings
 
 
