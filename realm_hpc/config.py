@@ -83,6 +83,9 @@ class IndexConfig:
     """Where the training index lives (`sharded`) and the saved index `build-index` writes
     (realm_hpc/retrieval/store.py); 0 = the backend's own default."""
     sharded: bool = False  # with several trainers: each holds 1/T of the index, queries are all-gathered
+    # fp32 | bf16: the training index the trainers hold and search (bf16: half the memory, meant for GPUs; the
+    # retrieved top-k is re-scored by the current encoders wherever the retriever trains)
+    live_dtype: str = "fp32"
     backend: str = "exact"  # exact | faiss-flat | faiss-ivfpq (IndexIVFPQ + IndexRefineFlat re-rank)
     dtype: str = "fp32"  # embeddings.npy storage: fp32 | fp16 | bf16 (bf16 bits stored as uint16)
     nlist: int = 0  # faiss-ivfpq inverted lists (0 = 2 sqrt(N))
@@ -142,6 +145,9 @@ class TrainConfig:
     # auto | cpu | cuda: where a trainer (pretraining and fine-tuning) keeps its model and batches. auto = this
     # trainer's own GPU when CUDA is there and the node has a GPU per trainer, else the CPU (realm_hpc/device.py)
     device: str = "auto"
+    # torch.use_deterministic_algorithms + CUBLAS_WORKSPACE_CONFIG in trainers and refreshers (realm_hpc/device.py):
+    # on a GPU, the same run gives the same losses (scatter_add_ and the embedding backward otherwise vary)
+    deterministic: bool = False
 
 
 @dataclass(kw_only=True)
@@ -231,6 +237,7 @@ class Config:
             (self.index.backend in ("exact", "faiss-flat", "faiss-ivfpq"),
              "index.backend must be 'exact', 'faiss-flat' or 'faiss-ivfpq'"),
             (self.index.dtype in ("fp32", "fp16", "bf16"), "index.dtype must be 'fp32', 'fp16' or 'bf16'"),
+            (self.index.live_dtype in ("fp32", "bf16"), "index.live_dtype must be 'fp32' or 'bf16'"),
             (min(self.index.nlist, self.index.m, self.index.nprobe) >= 0 and self.index.k_factor >= 1,
              "index.nlist, index.m, index.nprobe must be >= 0 and index.k_factor >= 1"),
             (self.qa.k >= 1, "qa.k must be >= 1"),

@@ -50,8 +50,10 @@ def pretrain(cfg: Config, run_dir: Path, resume: bool = False, refreshers: int |
     summary), a refresher rank serves index refreshes until the trainers stop it (returns None)."""
     import torch
 
+    from realm_hpc.device import set_deterministic
     from realm_hpc.train import Pretrainer
 
+    set_deterministic(cfg.train.deterministic)  # before CUDA initialises (cuBLAS reads its workspace setting then)
     factory, roles, comm, made = None, None, None, []
     if refreshers is not None and cfg.refresh.mode != "mpi":
         raise ConfigError(f"--refreshers {refreshers} asks for refresher ranks, but refresh.mode="
@@ -138,10 +140,11 @@ def serve_refresher(comm, shard_index: int, n_shards: int) -> None:
     def make_encoder(run_dir: str):
         from realm_hpc.data.blocks import BlockStore
         from realm_hpc.data.tokenizer import load_tokenizer
-        from realm_hpc.device import node_local_rank, refresher_device
+        from realm_hpc.device import node_local_rank, refresher_device, set_deterministic
         from realm_hpc.models.encoders import Encoder
 
         cfg = load_config(str(Path(run_dir) / "config.json"))
+        set_deterministic(cfg.train.deterministic)  # the index it encodes decides what the trainers retrieve
         tokenizer = load_tokenizer(cfg.model.pretrained or Path(run_dir) / "data" / "tokenizer")
         # The weights arrive as CPU floats (load_flat_params copies them in); embeddings go back as CPU numpy.
         device = refresher_device(cfg.refresh.device, node_local_rank())
@@ -155,8 +158,10 @@ def serve_refresher(comm, shard_index: int, n_shards: int) -> None:
 # -- fine-tuning -----------------------------------------------------------------------------------------------------
 def finetune(cfg: Config, out: Path, resume: bool = False, overwrite: bool = False) -> dict:
     """Every rank a trainer (mpiexec, torchrun or one process); trainer 0 prints the summary."""
+    from realm_hpc.device import set_deterministic
     from realm_hpc.finetune import Finetuner
 
+    set_deterministic(cfg.train.deterministic)
     group = trainer_group(cfg)
     check_run_dir(out, cfg, group, resume, overwrite)
     with starting(out, resume, overwrite, writer=group.rank == 0):

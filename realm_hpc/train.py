@@ -31,7 +31,7 @@ from realm_hpc.metrics import MetricsLogger, plot_curves
 from realm_hpc.models.encoders import pretrained_dir
 from realm_hpc.models.realm import Realm
 from realm_hpc.optim import build_optimizer, check_step_plan, make_stepper, micro_batch_size
-from realm_hpc.retrieval.index import LiveIndex
+from realm_hpc.retrieval.index import LIVE_DTYPES, LiveIndex
 from realm_hpc.retrieval.refresh import InlineRefresher
 from realm_hpc.retrieval.sharded import build_index, full_embeddings, index_from_full
 
@@ -61,7 +61,7 @@ def fresh_index(model: Realm, data: PretrainData, cfg: Config, version: int, ste
                 group: TrainerGroup = TrainerGroup()) -> LiveIndex:
     """The index of the current doc encoder; several trainers split the encoding (collective)."""
     return build_index(model.retriever.doc, data.blocks, cfg.refresh.batch_size, version, step, group,
-                       cfg.index.sharded)
+                       cfg.index.sharded, dtype=LIVE_DTYPES[cfg.index.live_dtype])
 
 
 def check_corpus_sizes(cfg: Config, data: PretrainData) -> None:
@@ -221,7 +221,7 @@ class Pretrainer:
             emb = pooled.to(w.device) @ w.T
         print0(f"model.proj_init=pca: projection = the top {cfg.model.proj_dim} principal directions of the corpus's "
                f"{pooled.shape[1]}-d vectors")
-        return index_from_full(emb, 0, 0, group, cfg.index.sharded, self.device)
+        return index_from_full(emb, 0, 0, group, cfg.index.sharded, self.device, LIVE_DTYPES[cfg.index.live_dtype])
 
     # -- REALM -------------------------------------------------------------------------------------------------
     def realm(self, ckpt: dict | None) -> LiveIndex:
@@ -239,12 +239,12 @@ class Pretrainer:
         if in_realm:
             stepper.load(ckpt, self.run_dir)
             live = index_from_full(idx["embeddings"], idx["version"], idx["weights_step"], group, cfg.index.sharded,
-                                   self.device)
+                                   self.device, LIVE_DTYPES[cfg.index.live_dtype])
             set_trainer_rng_state(ckpt, group)
         else:
             if idx is not None:  # ICT off: the untrained index, saved in the end-of-ICT checkpoint
                 live = index_from_full(idx["embeddings"], 1, idx["weights_step"], group, cfg.index.sharded,
-                                       self.device)
+                                       self.device, LIVE_DTYPES[cfg.index.live_dtype])
             elif self.untrained_index is not None:
                 live, self.untrained_index = self.untrained_index, None
                 live.swap(replace(live.snapshot, version=1))
@@ -336,7 +336,7 @@ class Pretrainer:
         self.state.wall_s += time.perf_counter() - self.t0
         self.t0 = time.perf_counter()
         st = self.state
-        embeddings = None if live is None else full_embeddings(live)  # collective
+        embeddings = None if live is None else full_embeddings(live)  # collective; a sharded index's: trainer 0's
 
         def state() -> dict:
             return {"model": self.model.state_dict(),
