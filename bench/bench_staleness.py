@@ -41,8 +41,9 @@ if str(ROOT) not in sys.path:
 
 from bench import utils  # noqa: E402  (after the sys.path insert: this file also runs as a script)
 from realm_hpc.checkpoint import atomic_write_json  # noqa: E402
-from realm_hpc.config import ConfigError  # noqa: E402
+from realm_hpc.config import ConfigError, apply_overrides  # noqa: E402
 from realm_hpc.evaluate import paired_sign_test  # noqa: E402
+from realm_hpc.recipes import get_recipe  # noqa: E402
 from realm_hpc.train import HITS_FILE  # noqa: E402
 
 VENV_BIN = Path(sys.executable).parent
@@ -79,6 +80,8 @@ def config(quick_run: bool = False, **overrides) -> StalenessBench:
     missing = sorted(set(cfg.mpi_intervals) - set(cfg.intervals))
     if missing:  # an MPI row is only worth its inline twin: same interval, same everything else
         raise ConfigError(f"bench staleness: --mpi-intervals {_label(missing[0])} is not one of --intervals")
+    for row in rows_of(cfg):  # a wrong --set stops here, in one line, not in the first row's subprocess
+        apply_overrides(get_recipe(cfg.recipe), _row_sets(cfg, row))
     return cfg
 
 
@@ -138,7 +141,8 @@ def run_row(cfg: StalenessBench, row: Row, out: Path) -> tuple[dict, str]:
     if (run_dir / ROW_SPEC).exists():
         old = json.loads((run_dir / ROW_SPEC).read_text())
         if old != spec:
-            raise ConfigError(f"{run_dir}: a row started with other settings ({old['recipe']}, {old['overrides']}); "
+            changed = sorted(set(map(str, [old["recipe"], *old["overrides"]])) ^ {cfg.recipe, *spec["overrides"]})
+            raise ConfigError(f"{run_dir}: a row started with other settings (differing: {', '.join(changed)}); "
                               "use another --out or delete it")
         if (run_dir / "summary.json").exists():
             return json.loads((run_dir / "summary.json").read_text()), "reused"

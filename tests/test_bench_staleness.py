@@ -141,7 +141,16 @@ def test_other_settings_in_the_same_out_are_an_error(sweep, capsys):
     with pytest.raises(SystemExit) as exc:
         _bench(out, "--set", "train.steps=13")
     assert exc.value.code == 2
-    assert "a row started with other settings" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "a row started with other settings (differing: train.steps=13)" in err
+
+
+def test_unknown_key_stops_before_any_row(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["bench", "staleness", "--recipe", "tiny", "--set", "refresh.evry=3", "--out", str(tmp_path)])
+    assert exc.value.code == 2
+    assert "unknown config key 'refresh.evry'" in capsys.readouterr().err
+    assert not any(tmp_path.iterdir())
 
 
 @pytest.mark.parametrize("args,message", [
