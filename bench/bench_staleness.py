@@ -252,7 +252,7 @@ def plot(rows: list[dict], k: int, path: Path) -> None:
     def x(r):
         return r["refresh_every"] or never_x
 
-    fig, ax = plt.subplots(figsize=(7, 4.2))
+    fig, ax = plt.subplots(figsize=(7, 4.8))
     speed = ax.twinx()
     for mode, style in (("inline", dict(linestyle="-")), ("mpi", dict(linestyle="none", markerfacecolor="none"))):
         part = sorted((r for r in rows if r["mode"] == mode), key=x)
@@ -276,7 +276,9 @@ def plot(rows: list[dict], k: int, path: Path) -> None:
     speed.set_ylim(bottom=0)
     lines = ax.get_legend_handles_labels()
     more = speed.get_legend_handles_labels()
-    ax.legend(lines[0] + more[0], lines[1] + more[1], fontsize=7, loc="lower left")
+    # below the axes: the lines span the whole plot
+    ax.legend(lines[0] + more[0], lines[1] + more[1], fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.16),
+              ncol=3, frameon=False)
     ax.set_title("What a stale index costs (same seed and data per row)")
     fig.tight_layout()
     utils.save_figure(fig, path)
