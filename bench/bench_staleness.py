@@ -11,13 +11,14 @@ steps/s compare. `refresh.every=0` ("never") keeps the index built after ICT for
 summary.json exists is read, not rerun; a row killed midway continues with `--resume` from its checkpoint, so a
 killed sweep continues where it stopped. The rows skip the closed-book baseline (it does not depend on the index).
 
-Per row, from its summary.json: final recall@k and MLM accuracy with retrieval (both on a fresh index of the final
-encoders: what the stale index did to learning), the paired comparison of its held-out token hits with the most
-frequent inline refresh (`paired`), mean and max staleness, index versions, REALM steps/s (loop steps over the
-loop's own time: evaluation and checkpoints excluded), the share of that time the trainer waited on the index, and
-the run's wall time. Writes results.json, results.csv and staleness.png (recall@k and MLM accuracy against the
-refresh interval, steps/s on a second axis); prints a Markdown table. Not a test: it asserts nothing, and says in
-`direction` whether the measurement follows the seed's (staler -> lower recall@k and MLM accuracy).
+Per row, from its summary.json: final recall@k and MLM accuracy with retrieval on the test split (both on a fresh
+index of the final encoders: what the stale index did to learning), its accuracy per masked span and the paired
+comparison of its spans with the most frequent inline refresh's (the runs' mlm_span_hits.npy), mean and max
+staleness, index versions, REALM steps/s (loop steps over the loop's own time: evaluation and checkpoints
+excluded), the share of that time the trainer waited on the index, and the run's wall time. Writes results.json,
+results.csv and staleness.png (recall@k and MLM accuracy against the refresh interval, steps/s on a second axis);
+prints a Markdown table. Not a test: it asserts nothing, and says in `direction` whether the measurement follows
+the seed's (staler -> lower recall@k and MLM accuracy).
 """
 
 from __future__ import annotations
@@ -42,9 +43,9 @@ if str(ROOT) not in sys.path:
 from bench import utils  # noqa: E402  (after the sys.path insert: this file also runs as a script)
 from realm_hpc.checkpoint import atomic_write_json  # noqa: E402
 from realm_hpc.config import ConfigError, apply_overrides  # noqa: E402
-from realm_hpc.evaluate import paired_sign_test  # noqa: E402
+from realm_hpc.evaluate import paired_sign_test, share  # noqa: E402
 from realm_hpc.recipes import get_recipe  # noqa: E402
-from realm_hpc.train import HITS_FILE  # noqa: E402
+from realm_hpc.train import SPAN_HITS_FILE  # noqa: E402
 
 VENV_BIN = Path(sys.executable).parent
 ROW_SPEC = "bench_row.json"  # what a row directory was started with: a rerun with other settings must not reuse it
@@ -61,11 +62,11 @@ class StalenessBench:
 
 
 def quick() -> StalenessBench:
-    """The demo's model and reader recipe on a third of its world (~1,000 docs), ICT capped at 300 steps (it stopped
-    there on its own), 100 warm-up + 130 REALM steps: 5 rows in ~15 minutes of 2 cores."""
+    """The demo's model and reader recipe on a third of its world (~1,000 docs; 150 test and 150 dev examples), ICT
+    capped at 300 steps, 100 warm-up + 130 REALM steps: 5 rows in ~15 minutes of 2 cores."""
     return StalenessBench(
         overrides=["data.world_people=400", "data.world_orgs=80", "data.world_cities=30", "data.world_surnames=90",
-                   "data.heldout_facts=150", "data.eval_examples=150", "ict.steps=300", "train.steps=230",
+                   "data.heldout_facts=200", "data.eval_examples=150", "ict.steps=300", "train.steps=230",
                    "train.reader_warmup_steps=100", "train.eval_every=1000", "train.checkpoint_every=100"],
         intervals=[10, 40, 160, 0], mpi_intervals=[10], out="runs/bench/staleness-quick")
 
@@ -172,48 +173,46 @@ def _last_error(log: Path) -> str:
 
 # ------------------------------------------------------------------------------------------------------ the table
 
-def paired(run_dir: Path, base_dir: Path) -> tuple[int, int, float] | None:
-    """The one paired comparison of two rows' held-out hits (evaluate.paired_sign_test): (only this row right, only
-    the base right, two-sided p). None when a row has no hits file (finished by older code)."""
-    files = [d / HITS_FILE for d in (run_dir, base_dir)]
-    if not all(f.exists() for f in files):
-        return None
-    a, b = (torch.from_numpy(np.load(f)) for f in files)
-    return paired_sign_test(a, b)
+def span_hits(run_dir: Path) -> torch.Tensor | None:
+    """A finished row's hits per test span (what the Pretrainer saved); None for a run finished by older code."""
+    path = run_dir / SPAN_HITS_FILE
+    return torch.from_numpy(np.load(path)) if path.exists() else None
 
 
 def final(summary: dict, key: str):
-    """A final held-out number of a summary: the test split's where the run has one (`test_` keys), else the one
-    held-out set's. The one place the bench reads them."""
-    return summary[f"test_{key}"] if f"test_{key}" in summary else summary[key]
+    """A final number of a run: the test split's (read at the end only). The one place the bench reads them."""
+    return summary[f"test_{key}"]
 
 
 def table_row(row: Row, summary: dict, status: str) -> dict:
     k = summary["k"]
     loop_s = summary.get("realm_loop_s")
-    after_ict = next((summary[key] for key in (f"recall_at_{k}_after_ict", f"dev_recall_at_{k}_after_ict")
-                      if key in summary), None)
     return dict(row=row.name, mode=row.mode, refresh_every=row.every, interval=_label(row.every),
                 recall_at_k=final(summary, f"recall_at_{k}"), mlm_acc=final(summary, "mlm_acc_retrieval"),
                 mean_staleness=summary.get("mean_staleness_steps"), max_staleness=summary["max_staleness_steps"],
                 index_versions=summary["index_versions"], steps=summary["steps"],
                 steps_per_s=summary.get("realm_steps_per_s"), wait_s=summary["trainer_wait_s"],
                 wait_share=summary["trainer_wait_s"] / loop_s if loop_s else None,
-                recall_after_ict=after_ict, wall_s=summary["wall_s"], status=status)
+                dev_recall_after_ict=summary[f"dev_recall_at_{k}_after_ict"], wall_s=summary["wall_s"], status=status)
 
 
 def add_paired(rows: list[dict], out: Path) -> str | None:
-    """Each row against the most frequent inline refresh (the base); returns the base row's name."""
+    """Each row's span accuracy, and its spans against the most frequent inline refresh's (the base); returns the
+    base row's name."""
+    spans = {r["row"]: span_hits(out / r["row"]) for r in rows}
+    for r in rows:
+        r["mlm_span_acc"] = None if spans[r["row"]] is None else share(spans[r["row"]])
     inline = [r for r in rows if r["mode"] == "inline"]
     refreshed = [r for r in inline if r["refresh_every"] > 0] or inline
     if not refreshed:
         return None
     base = min(refreshed, key=lambda r: r["refresh_every"])
     for r in rows:
-        result = None if r is base else paired(out / r["row"], out / base["row"])
-        if result is not None:
-            r["mlm_only_row_right"], r["mlm_only_base_right"], r["mlm_vs_base_p"] = result
-            r["vs_base"] = f"+{result[0]}/-{result[1]}"
+        a, b = spans[r["row"]], spans[base["row"]]
+        if r is not base and a is not None and b is not None:
+            # the bench's one paired comparison: spans, each an independent trial (evaluate.per_example)
+            r["mlm_spans_only_row_right"], r["mlm_spans_only_base_right"], r["mlm_vs_base_p"] = paired_sign_test(a, b)
+            r["vs_base"] = f"+{r['mlm_spans_only_row_right']}/-{r['mlm_spans_only_base_right']}"
     return base["row"]
 
 
@@ -284,7 +283,8 @@ def plot(rows: list[dict], k: int, path: Path) -> None:
     utils.save_figure(fig, path)
 
 
-COLUMNS = [("row", "{}"), ("interval", "{}"), ("recall_at_k", "{:.3f}"), ("mlm_acc", "{:.3f}"), ("vs_base", "{}"),
+COLUMNS = [("row", "{}"), ("interval", "{}"), ("recall_at_k", "{:.3f}"), ("mlm_acc", "{:.3f}"),
+           ("mlm_span_acc", "{:.3f}"), ("vs_base", "{}"),
            ("mlm_vs_base_p", "{:.3g}"), ("mean_staleness", "{:.1f}"), ("max_staleness", "{}"),
            ("index_versions", "{}"), ("steps_per_s", "{:.2f}"), ("wait_share", "{:.3f}"), ("wall_s", "{:.0f}")]
 
@@ -310,8 +310,8 @@ def run(cfg: StalenessBench) -> dict:
     result = dict(meta=meta, rows=rows, paired_base=base, direction=direction(rows))
     utils.write_results(out, result, COLUMNS)
     plot(rows, k, out / "staleness.png")
-    print(f"\nrecall_at_k: recall@{k}; vs_base: held-out tokens only this row / only {base} gets right "
-          "(McNemar's exact p)\n")
+    print(f"\ntest split. recall_at_k: recall@{k}; mlm_acc: per masked token, mlm_span_acc: per masked span (all its "
+          f"tokens right); vs_base: spans only this row / only {base} gets right (McNemar's exact p)\n")
     print(utils.markdown(rows, COLUMNS))
     d = result["direction"]
     print(f"\nstaler -> lower: recall@{k} {_yes(d['recall_at_k_falls_with_staleness'])}, MLM accuracy "
@@ -323,8 +323,8 @@ def run(cfg: StalenessBench) -> dict:
         print(f"mpi vs inline at {m['interval']}: recall@{k} {m['recall_delta']:+.3f}, MLM {m['mlm_delta']:+.3f}, "
               f"steps/s {ratio}")
     ran = sum(r["status"] != "reused" for r in rows)
-    print(f"\n{ran} of {len(rows)} rows run now ({meta['wall_s']:.0f} s; the rows' own runs {meta['rows_wall_s']:.0f} s);"
-          f" wrote {out}/results.json, results.csv, staleness.png")
+    print(f"\n{ran} of {len(rows)} rows run now ({meta['wall_s']:.0f} s; the rows' own runs "
+          f"{meta['rows_wall_s']:.0f} s); wrote {out}/results.json, results.csv, staleness.png")
     return result
 
 

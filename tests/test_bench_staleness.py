@@ -74,15 +74,18 @@ def test_rows_are_the_runs(sweep):
         assert 1 <= rows["every4-mpi"]["index_versions"] <= 3
 
 
-def test_paired_comparison_is_on_the_rows_hits(sweep):
+def test_paired_comparison_is_on_the_rows_test_spans(sweep):
     out, _ = sweep
     rows = json.loads((out / "results.json").read_text())["rows"]
-    base = torch.from_numpy(np.load(out / "every4-inline" / "mlm_hits.npy"))
-    for r in rows[1:]:
-        hits = torch.from_numpy(np.load(out / r["row"] / "mlm_hits.npy"))
-        assert hits.dtype == torch.bool and hits.shape == base.shape
-        assert (r["mlm_only_row_right"], r["mlm_only_base_right"], r["mlm_vs_base_p"]) == paired_sign_test(hits, base)
-        assert r["mlm_acc"] == pytest.approx(hits.float().mean().item())
+    base = torch.from_numpy(np.load(out / "every4-inline" / "mlm_span_hits.npy"))
+    for r in rows:
+        spans = torch.from_numpy(np.load(out / r["row"] / "mlm_span_hits.npy"))
+        summary = json.loads((out / r["row"] / "summary.json").read_text())
+        assert spans.dtype == torch.bool and len(spans) == len(base) == summary["test_examples"]
+        assert r["mlm_span_acc"] == pytest.approx(spans.float().mean().item())
+        if r["row"] != "every4-inline":
+            assert (r["mlm_spans_only_row_right"], r["mlm_spans_only_base_right"],
+                    r["mlm_vs_base_p"]) == paired_sign_test(spans, base)
     assert "mlm_vs_base_p" not in rows[0]
 
 
@@ -97,7 +100,7 @@ def test_files_and_table(sweep):
     assert (out / "staleness.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert matplotlib.image.imread(out / "staleness.png").ndim == 3
     table = [line for line in stdout.splitlines() if line.startswith("|")]
-    assert table[0].startswith("| row | interval | recall_at_k | mlm_acc | vs_base")
+    assert table[0].startswith("| row | interval | recall_at_k | mlm_acc | mlm_span_acc | vs_base")
     assert len(table) == 2 + len(ROWS)
     direction = json.loads((out / "results.json").read_text())["direction"]
     assert direction["order"] == ["every4-inline", "never-inline"]  # by mean staleness
