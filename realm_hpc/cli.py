@@ -110,7 +110,27 @@ def _parser() -> argparse.ArgumentParser:
         if name == "refresh":
             bp.add_argument("--docs", type=int, help="documents re-encoded per timed pass")
             bp.add_argument("--batch-size", type=int, help="documents per forward (default refresh.batch_size)")
+    st = bsub.add_parser("staleness", help="the stale-index ablation: one recipe pretrained at several refresh "
+                                           "intervals (+ the MPI refresher at one), a row per run")
+    st.add_argument("--quick", action="store_true", help="a small world, <= 15 min on 2 cores")
+    st.add_argument("--out", help="output directory, a run per row in it (default runs/bench/staleness)")
+    st.add_argument("--recipe", help="the recipe every row pretrains (default demo)")
+    st.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config field")
+    st.add_argument("--intervals", nargs="+", type=_refresh_every, metavar="N|never",
+                    help="refresh.every of the inline rows (default 25 100 400 never)")
+    st.add_argument("--mpi-intervals", nargs="*", type=_refresh_every, metavar="N",
+                    help="of those, the ones also run with the MPI refresher (default 25; none: no MPI row)")
     return p
+
+
+def _refresh_every(text: str) -> int:
+    """refresh.every as the bench takes it: a step count, or 'never' (0)."""
+    if text == "never":
+        return 0
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a step count or 'never', got {text!r}") from None
 
 
 PREEMPTIBLE = {"pretrain", "finetune"}
@@ -265,6 +285,9 @@ def cmd_bench(args) -> None:
         cfg = bench.config(quick_run=args.quick, out=args.out, backends=args.backends, batch_sizes=args.batch_sizes,
                            n=args.n, dim=args.dim, dtypes=args.dtype, index=args.index, k=args.k, nprobe=args.nprobe,
                            min_repeats=args.repeats, seed=args.seed)
+    elif args.bench_command == "staleness":
+        cfg = bench.config(quick_run=args.quick, out=args.out, recipe=args.recipe, overrides=args.set or None,
+                           intervals=args.intervals, mpi_intervals=args.mpi_intervals)
     else:
         extra = dict(docs=args.docs, batch_size=args.batch_size) if args.bench_command == "refresh" else {}
         cfg = bench.config(quick_run=args.quick, out=args.out, recipe=args.recipe, overrides=args.set or None,

@@ -14,13 +14,14 @@ import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
 from realm_hpc import preempt
-from realm_hpc.checkpoint import (atomic_write_json, load_checkpoint, load_weights, save_trainer_checkpoint,
-                                  set_trainer_rng_state)
+from realm_hpc.checkpoint import (atomic_write, atomic_write_json, load_checkpoint, load_weights,
+                                  save_trainer_checkpoint, set_trainer_rng_state)
 from realm_hpc.config import Config, ConfigError
 from realm_hpc.data.examples import Batch, PretrainData
 from realm_hpc.device import group_device
@@ -34,6 +35,9 @@ from realm_hpc.optim import build_optimizer, check_step_plan, make_stepper, micr
 from realm_hpc.retrieval.index import LIVE_DTYPES, LiveIndex
 from realm_hpc.retrieval.refresh import InlineRefresher
 from realm_hpc.retrieval.sharded import build_index, full_embeddings, index_from_full
+
+
+SPAN_HITS_FILE = "mlm_span_hits.npy"  # a finished run's hits per test span (evaluate.per_example), to pair runs
 
 
 class TrainingError(RuntimeError):
@@ -52,7 +56,9 @@ class RunState:
     dev_recall_after_ict: float = float("nan")
     index_versions: int = 0
     max_staleness: int = 0
+    staleness_sum: int = 0  # over the loop's steps: the summary's mean staleness
     trainer_wait_s: float = 0.0
+    realm_loop_s: float = 0.0  # the loop's steps alone (index wait included; evaluation and checkpoints not)
     wall_s: float = 0.0  # wall time of earlier (killed) attempts
     refresh_steps: list[int] = field(default_factory=list)
 
@@ -280,7 +286,9 @@ class Pretrainer:
                     row.update(refresher_respawned=event.respawned)
                 state.trainer_wait_s += event.wait_s
                 window_wait += event.wait_s
-                if live.staleness(step) > cfg.refresh.max_staleness and warned_version != live.version:
+                # refresh.every=0 keeps one index by request: its staleness is the point, not a slow refresher
+                if (live.staleness(step) > cfg.refresh.max_staleness and warned_version != live.version
+                        and cfg.refresh.every):
                     warned_version = live.version
                     print0(f"warning: step {step}: the index (v{live.version}) is {live.staleness(step)} steps "
                            f"stale (> refresh.max_staleness={cfg.refresh.max_staleness}); refreshers too slow?")
@@ -305,8 +313,11 @@ class Pretrainer:
                 state.step = step + 1
                 staleness = live.staleness(state.step)
                 state.max_staleness = max(state.max_staleness, staleness)
+                state.staleness_sum += staleness
                 window.append(step_loss)
-                window_s += time.perf_counter() - t_step
+                step_s = time.perf_counter() - t_step
+                window_s += step_s
+                state.realm_loop_s += step_s
                 bar.set_postfix(loss=f"{step_loss:.3f}", v=live.version, stale=staleness)
                 if state.step % cfg.train.log_every == 0:
                     # wait_s: seconds the loop spent on the index since the last row (mpi: ~0; inline: re-encodes)
@@ -391,16 +402,23 @@ class Pretrainer:
             "ict_steps": st.ict_steps,
             "index_versions": st.index_versions,
             "max_staleness_steps": st.max_staleness,
+            "mean_staleness_steps": st.staleness_sum / max(st.step, 1),
             "trainer_wait_s": st.trainer_wait_s,
+            "realm_steps_per_s": st.step / max(st.realm_loop_s, 1e-9),
+            "realm_loop_s": st.realm_loop_s,
             "refresh_mode": cfg.refresh.mode,
         })
         if self.group.distributed:
             summary.update(trainers=self.group.size, index_sharded=cfg.index.sharded)
         if self.group.rank != 0:
             return {**summary, **{f"test_{key}": v for key, v in test_part.items()}}
+        # Before summary.json, which marks a finished run: another run's span hits pair with these (realm-hpc bench
+        # staleness compares refresh intervals with evaluate.paired_sign_test).
+        spans = per_example(data, hits, split="test")
+        atomic_write(self.run_dir / SPAN_HITS_FILE, lambda f: np.save(f, spans.numpy()))
         if cfg.eval.closed_book_baseline:
             cb_hits = self.closed_book_baseline()
-            spans, cb_spans = per_example(data, hits, split="test"), per_example(data, cb_hits, split="test")
+            cb_spans = per_example(data, cb_hits, split="test")
             # Same held-out spans for both: the paired counts and McNemar's exact p say whether the gap is noise.
             # Paired per span (right = all its tokens right): a span's tokens are not independent trials.
             only_r, only_cb, p = paired_sign_test(spans, cb_spans)

@@ -20,7 +20,8 @@ ARGS = ["--steps", str(STEPS), "--set", f"refresh.every={REFRESH_EVERY}", "--set
         "--set", "train.checkpoint_every=1000", "--set", "eval.closed_book_baseline=true"]
 
 SUMMARY_KEYS = {"recipe", "steps", "corpus_docs", "k", "ict_steps", "index_versions", "max_staleness_steps",
-                "trainer_wait_s", "refresh_mode", "wall_s", "trainer_wait_share",
+                "mean_staleness_steps", "trainer_wait_s", "realm_steps_per_s", "realm_loop_s", "refresh_mode", "wall_s",
+                "trainer_wait_share",
                 # dev: what the run looked at along the way (ICT's early stopping, mid-run evaluations)
                 "dev_recall_at_8_start", "dev_recall_at_8_after_ict", "dev_recall_at_8", "dev_mlm_acc_retrieval",
                 "dev_examples", "dev_examples_with_gold",

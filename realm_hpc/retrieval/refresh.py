@@ -78,7 +78,8 @@ class RefreshEvent:
 
 
 class InlineRefresher:
-    """The blocking baseline (and the trainers-only debug path): re-encode every `every` steps, in the loop.
+    """The blocking baseline (and the trainers-only debug path): re-encode every `every` steps (0: never), in the
+    loop.
 
     With several trainers (`group`) each encodes its slice of the corpus; `build_index` gathers them or, for a
     sharded index, keeps them where they are.
@@ -89,7 +90,7 @@ class InlineRefresher:
         self.group, self.sharded = group, sharded
 
     def step_boundary(self, step: int, doc_encoder: torch.nn.Module, live: LiveIndex) -> RefreshEvent:
-        if step == 0 or step % self.every:
+        if self.every <= 0 or step == 0 or step % self.every:
             return RefreshEvent()
         t0 = time.perf_counter()
         if self.group is not None and self.group.distributed:
@@ -215,7 +216,7 @@ class MPIRefresher:
     def maybe_send(self, step: int, doc_encoder: torch.nn.Module, version: int, weights_step: int) -> bool:
         # The first snapshot counts from the weights that built the live index, so v2 is never a re-encode of v1.
         last = self.last_sent if self.last_sent is not None else weights_step
-        if self.lost or self._busy or step - last < self.every:
+        if self.lost or self._busy or self.every <= 0 or step - last < self.every:  # every=0: never refresh
             return False
         self._todo.put((version + 1, step, flatten_params(doc_encoder)))
         self._busy, self.last_sent, self._sent_at = True, step, time.perf_counter()
