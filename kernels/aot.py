@@ -12,9 +12,10 @@ compiled to a cubin for sm_80 and sm_90 (Triton's bundled ptxas; no GPU needed),
   in-flight copies) and contain no nested loop (the pipeliner skips loops that contain loops).
 
 A launch_configs entry is a dict (kernel, signature, constexprs, options, divisible, stream, and optionally archs:
-the compute capabilities it is launched on) or the older tuple (kernel, signature, constexprs, options). ``divisible`` names the arguments a real launch specialises as multiples
-of 16: Triton does so for aligned pointers (every torch allocation) and such ints, and without it loads are too
-narrow for cp.async; for a tuple, every pointer argument.
+the compute capabilities it is launched on) or the older tuple (kernel, signature, constexprs, options).
+``divisible`` names the arguments a real launch specialises as multiples of 16: Triton does so for aligned pointers
+(every torch allocation) and such ints, and without it loads are too narrow for cp.async; for a tuple, every
+pointer argument.
 """
 
 from __future__ import annotations

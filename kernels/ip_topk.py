@@ -7,11 +7,11 @@ Per [BLOCK_N, D] tile: one ``tl.dot`` over K = D (float32 accumulation), a per-r
 query's threshold, the float32 score of its current k-th best. Only a tile that beats some query's threshold takes
 the branch (block-uniform: one reduction decides for the whole program) that packs (score, id) into sortable int64
 keys and merges them into the running, sorted top-KP with bitonic networks (``_topk``, ``_bitonic``: tl.topk's
-network, no data-dependent loop). Programs also share their thresholds per query (an atomic max), so a short
-stream skips what another has already beaten. Past the first tiles of a stream few tiles take the branch
-(``merge_counts`` measures it). Each program writes its top-k keys
-([B, splits, k] int64, the only extra memory) and ``torch.topk`` over those unique keys is the final merge: it
-spreads a long row over many thread blocks, so at B = 1 the merge still uses the whole GPU.
+network, no data-dependent loop). Programs also share bounds per query (atomic maxima of their k-th and best
+scores), so a short stream skips what others have already beaten; ``merge_counts`` measures how many tiles still
+take the branch. Each program writes its top-k keys ([B, splits, k] int64, the only extra memory) and
+``torch.topk`` over those unique keys is the final merge: it spreads a long row over many thread blocks, so at
+B = 1 the merge still uses the whole GPU.
 
 A strict ``score > threshold`` is exact, ties included: a program visits its ids in increasing order, so a later
 row that ties the k-th best score has a higher id and loses the tie anyway.
@@ -105,7 +105,7 @@ def _merge(run, scores, rows, dead, BLOCK_B: tl.constexpr, KP: tl.constexpr):
 @triton.jit
 def _ip_topk_stream_kernel(
     Q, X, EXCL, BAR, PART, MERGES,
-    B, N, k, rows_per_split,
+    B, N, k, rows_per_split, n_slots,
     stride_qb, stride_qd, stride_xn, stride_xd,
     D: tl.constexpr, BLOCK_D: tl.constexpr, KP: tl.constexpr,
     PRECISION: tl.constexpr, UPCAST: tl.constexpr, SHARE: tl.constexpr, COUNT: tl.constexpr,
@@ -153,10 +153,19 @@ def _ip_topk_stream_kernel(
             kth = tl.sum(tl.where(cols == k - 1, run, 0), axis=1)
             thr = tl.where(kth == KEY_MIN, float("-inf"), _score_of(kth))
             if SHARE:
-                # Publish this k-th best and read the best any program has published: another split holds k
-                # results scoring >= bar, so a score below bar cannot make the top k (one equal to it can, with a
-                # lower id: hence >= above). A short stream's own threshold alone rises slowly.
-                bar = tl.maximum(tl.atomic_max(BAR + qrows, thr, mask=qmask, sem="relaxed"), thr)
+                # Share bounds per query: a score below ``bar`` cannot make the global top k (one equal to it can,
+                # with a lower id: hence >= above), because k results elsewhere score >= bar. Two such bounds: the
+                # best k-th score any program has published (BAR[:, 0]); and the lowest of S slots (BAR[:, 1:S+1]),
+                # slot j holding the best j'-th score (j' = ceil(k / S)) of any program with split % S == j: S
+                # distinct programs hold j' results each above it. A short stream's own threshold alone rises
+                # slowly; the slots rise with the maxima of all programs.
+                mine = tl.sum(tl.where(cols == (k - 1) // n_slots, run, 0), axis=1)
+                mine = tl.where(mine == KEY_MIN, float("-inf"), _score_of(mine))
+                row = BAR + qrows.to(tl.int64) * (KP + 1)
+                seen = tl.atomic_max(row, thr, mask=qmask, sem="relaxed")
+                tl.atomic_max(row + 1 + split % n_slots, mine, mask=qmask, sem="relaxed")
+                slots = tl.load(row[:, None] + 1 + cols, mask=qmask[:, None] & (cols < n_slots), other=float("inf"))
+                bar = tl.maximum(tl.maximum(seen, thr), tl.min(slots, axis=1))
             if COUNT:
                 merges += 1
 
@@ -310,12 +319,14 @@ def _ip_topk_forward(q, index, k, exclude=None, splits=None, merges=None, share=
     else:
         excl = exclude.to(device=q.device, dtype=torch.int64).contiguous()
     part = torch.empty((b, splits, k), dtype=torch.int64, device=q.device)
-    bar = torch.full((b,), float("-inf"), dtype=torch.float32, device=q.device)
+    bar = torch.full((b, kp + 1), float("-inf"), dtype=torch.float32, device=q.device)  # see SHARE in the kernel
     count = merges is not None
     if count and merges.numel() != n_qblocks * splits:
         raise ValueError(f"merges must hold {n_qblocks * splits} counts (query blocks x splits)")
     counts = merges if count else part  # never written without COUNT
-    args = (q, index, excl, bar, part, counts, b, n, k, rows_per_split,
+    # slots for the shared bound (see SHARE in the kernel): ~4 programs a slot, at most k
+    n_slots = max(1, min(k, splits // 4))
+    args = (q, index, excl, bar, part, counts, b, n, k, rows_per_split, n_slots,
             q.stride(0), q.stride(1), index.stride(0), index.stride(1))
     const = dict(D=d, BLOCK_D=block_d(d), KP=kp, PRECISION=_precision(q.dtype), COUNT=count, SHARE=share,
                  UPCAST=q.dtype == torch.bfloat16 and _interpreting())
@@ -371,7 +382,8 @@ def launch_configs():
     kps = sorted({kp_for(k) for k in range(1, 65)})
     names = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
     sig = {"EXCL": "*i64", "BAR": "*fp32", "PART": "*i64", "MERGES": "*i64", "B": "i32", "N": "i32", "k": "i32",
-           "rows_per_split": "i32", "stride_qb": "i32", "stride_qd": "i32", "stride_xn": "i32", "stride_xd": "i32"}
+           "rows_per_split": "i32", "n_slots": "i32", "stride_qb": "i32", "stride_qd": "i32", "stride_xn": "i32",
+           "stride_xd": "i32"}
     pointers = ("Q", "X", "EXCL", "BAR", "PART", "MERGES")
     d = 128
     for dtype, name in names.items():
