@@ -11,8 +11,8 @@ compiled to a cubin for sm_80 and sm_90 (Triton's bundled ptxas; no GPU needed),
   copies (``cp.async`` or ``cp.async.bulk``: Triton's software pipeliner turned the tile loads into a ring of
   in-flight copies) and contain no nested loop (the pipeliner skips loops that contain loops).
 
-A launch_configs entry is a dict (kernel, signature, constexprs, options, divisible, stream, and optionally archs:
-the compute capabilities it is launched on) or the older tuple (kernel, signature, constexprs, options).
+A launch_configs entry is a dict (kernel, signature, constexprs, options, divisible, stream) or the older tuple
+(kernel, signature, constexprs, options).
 ``divisible`` names the arguments a real launch specialises as multiples of 16: Triton does so for aligned pointers
 (every torch allocation) and such ints, and without it loads are too narrow for cp.async; for a tuple, every
 pointer argument.
@@ -184,8 +184,7 @@ def main(argv=None) -> int:
     if not os.path.exists(_tool("cuobjdump")):
         print(f"kernels.aot: {_tool('cuobjdump')} missing (this triton wheel ships no CUDA tools)", file=sys.stderr)
         return 2
-    work = [(m, i, a) for m in args.modules for i, c in enumerate(_configs(m)) for a in args.arch
-            if a in c.get("archs", (a,))]
+    work = [(m, i, a) for m in args.modules for i in range(len(_configs(m))) for a in args.arch]
     t0 = time.perf_counter()
     rows = []
     with ProcessPoolExecutor(max_workers=args.jobs, initializer=_init_worker) as pool:

@@ -26,6 +26,7 @@ import triton.language as tl
 from kernels.reference import MAX_D, check_ip_topk_args, unpack_keys
 
 KEY_MIN = tl.constexpr(-(2**63))  # below every real key: excluded rows, padding, empty slots
+SLOTS = tl.constexpr(16)  # most slots of the shared bound per query (see SHARE in the kernel)
 
 
 @triton.jit
@@ -155,16 +156,18 @@ def _ip_topk_stream_kernel(
             if SHARE:
                 # Share bounds per query: a score below ``bar`` cannot make the global top k (one equal to it can,
                 # with a lower id: hence >= above), because k results elsewhere score >= bar. Two such bounds: the
-                # best k-th score any program has published (BAR[:, 0]); and the lowest of S slots (BAR[:, 1:S+1]),
-                # slot j holding the best j'-th score (j' = ceil(k / S)) of any program with split % S == j: S
-                # distinct programs hold j' results each above it. A short stream's own threshold alone rises
-                # slowly; the slots rise with the maxima of all programs.
+                # best k-th score any program has published (BAR[:, 0]); and the lowest of S <= SLOTS slots
+                # (BAR[:, 1:S+1]), slot j holding the best j'-th score (j' = ceil(k / S)) of any program with
+                # split % S == j: S distinct programs hold j' results each above it. A short stream's own threshold
+                # alone rises slowly; the slots rise with the maxima of all programs. (SLOTS, not KP, wide: a
+                # [64, 64] float tile of slots made 64-query fp32 configs spill on sm_90.)
                 mine = tl.sum(tl.where(cols == (k - 1) // n_slots, run, 0), axis=1)
                 mine = tl.where(mine == KEY_MIN, float("-inf"), _score_of(mine))
                 row = BAR + qrows.to(tl.int64) * (KP + 1)
                 seen = tl.atomic_max(row, thr, mask=qmask, sem="relaxed")
                 tl.atomic_max(row + 1 + split % n_slots, mine, mask=qmask, sem="relaxed")
-                slots = tl.load(row[:, None] + 1 + cols, mask=qmask[:, None] & (cols < n_slots), other=float("inf"))
+                scol = tl.arange(0, SLOTS)[None, :]
+                slots = tl.load(row[:, None] + 1 + scol, mask=qmask[:, None] & (scol < n_slots), other=float("inf"))
                 bar = tl.maximum(tl.maximum(seen, thr), tl.min(slots, axis=1))
             if COUNT:
                 merges += 1
@@ -179,25 +182,25 @@ def _ip_topk_stream_kernel(
 # configs
 
 # Candidates per (batch bucket, element size), autotuned on a GPU per (bucket, D, dtype, KP); buckets are B <= 16 and
-# B > 16; ``sm`` (first, last compute capability, default all) limits a candidate to some GPUs. Every candidate is
-# compiled for the sm_80 / sm_90 it applies to by the AOT check (kernels/aot.py: no spills, async copies in the
-# stream loop, shared memory and registers reported). Small B is bandwidth-bound: the 16-row dot (tl.dot's minimum)
-# wastes MMA lanes, not bytes, and long tiles in a deep pipeline keep more bytes in flight per SM. fp32 tiles are
-# shorter: tf32x3 splits each operand in two. Before sm_90 the dot's operands live in registers (mma.sync), and a
-# 16-row x 128-deep fp32 query tile split in two already takes 128 of them: 32 or 64 query rows spilled on sm_80,
-# where sm_90's wgmma reads them from shared memory. 64 x 64 tiles take 8 warps: with 4 the merge network's keys
-# spilled (sm_80 from KP = 16, sm_90 at KP = 64).
+# B > 16. Every candidate is compiled for sm_80 and sm_90 by the AOT check (kernels/aot.py: no spills, async copies
+# in the stream loop, shared memory and registers reported). Small B is bandwidth-bound: the 16-row dot (tl.dot's
+# minimum) wastes MMA lanes, not bytes, and long tiles in a deep pipeline keep more bytes in flight per SM. fp32
+# keeps 16 x 32 tiles at every B: tf32x3 splits each operand in two, and before sm_90 the dot's operands live in
+# registers (mma.sync), where a 16-row x 128-deep fp32 query tile split in two already takes 128 of them; 32 or
+# 64 query rows spilled on sm_80, and 64 (wgmma) on sm_90 once the shared bounds were in. 16 x 128 and 64 x 64
+# 16-bit tiles take 8 warps: with 4 the merge network's keys spilled (16 x 128: sm_80 at KP = 32; 64 x 64: sm_80
+# from KP = 16, sm_90 at KP = 64). The first candidate of a bucket is the interpreter's and the one whose generic
+# (unaligned, strided) variant the AOT check compiles: 16 x 128's spilled on sm_90 (no cp.async there, so the
+# pipeline's tiles sit in registers).
 B_BUCKETS = (16,)
 CONFIGS = {
-    (0, 2): (dict(block_b=16, block_n=128, num_warps=4, num_stages=3),
-             dict(block_b=16, block_n=64, num_warps=4, num_stages=4)),
+    (0, 2): (dict(block_b=16, block_n=64, num_warps=4, num_stages=4),
+             dict(block_b=16, block_n=128, num_warps=8, num_stages=3)),
     (0, 4): (dict(block_b=16, block_n=32, num_warps=4, num_stages=4),),
     (1, 2): (dict(block_b=64, block_n=64, num_warps=8, num_stages=3),
              dict(block_b=64, block_n=64, num_warps=8, num_stages=4)),
-    (1, 4): (dict(block_b=64, block_n=32, num_warps=4, num_stages=3, sm=(90, 999)),
-             dict(block_b=16, block_n=32, num_warps=4, num_stages=4, sm=(0, 89))),
+    (1, 4): (dict(block_b=16, block_n=32, num_warps=4, num_stages=4),),
 }
-LAUNCH_KEYS = ("block_b", "block_n", "num_warps", "num_stages")
 # Shared memory a config may plan for: sm_80 has 163 KiB per block (sm_90 227 KiB), less Triton's scratch.
 SMEM_BUDGET = 160 * 1024
 
@@ -225,11 +228,10 @@ def smem_bytes(cfg: dict, d: int, esize: int) -> int:
     return cfg["num_stages"] * cfg["block_n"] * tile + (cfg["block_b"] + cfg["block_n"]) * tile * (esize // 2)
 
 
-def candidates(b: int, d: int, esize: int, cc: int | None = None) -> list[dict]:
-    """The bucket's launch configs for compute capability cc (None: every GPU's) that fit the shared-memory budget
-    at this D and element size (fewer stages if none does)."""
-    cands = [{key: c[key] for key in LAUNCH_KEYS} for c in CONFIGS[b_bucket(b), min(esize, 4)]
-             if cc is None or c.get("sm", (0, 999))[0] <= cc <= c.get("sm", (0, 999))[1]]
+def candidates(b: int, d: int, esize: int) -> list[dict]:
+    """The bucket's launch configs that fit the shared-memory budget at this D and element size (fewer stages if
+    none does)."""
+    cands = [dict(c) for c in CONFIGS[b_bucket(b), min(esize, 4)]]
     fits = [c for c in cands if smem_bytes(c, d, esize) <= SMEM_BUDGET]
     if fits:
         return fits
@@ -239,8 +241,8 @@ def candidates(b: int, d: int, esize: int, cc: int | None = None) -> list[dict]:
     return [c]
 
 
-def default_config(b: int, d: int = 128, esize: int = 4, cc: int | None = None) -> dict:
-    return candidates(b, d, esize, cc)[0]
+def default_config(b: int, d: int = 128, esize: int = 4) -> dict:
+    return candidates(b, d, esize)[0]
 
 
 def _interpreting() -> bool:
@@ -278,8 +280,8 @@ _TUNED: dict = {}
 
 
 def _tuned(cands: list[dict]):
-    """One autotuner per candidate list (bucket, element size, GPU generation, what fits at D): the list picks the
-    configs, the autotuner's key adds D, KP and the dtypes."""
+    """One autotuner per candidate list (bucket, element size, what fits at D): the list picks the configs, the
+    autotuner's key adds D, KP and the dtypes."""
     key = tuple(tuple(sorted(c.items())) for c in cands)
     if key not in _TUNED:
         _TUNED[key] = triton.autotune([_triton_config(c) for c in cands], key=["D", "KP"],
@@ -302,11 +304,7 @@ def _ip_topk_forward(q, index, k, exclude=None, splits=None, merges=None, share=
         raise ValueError(f"ip_topk_triton: D={d} > {MAX_D}; kernels.ip_topk runs the reference for it")
     kp = kp_for(k)
     explicit = {key: v for key, v in config.items() if v is not None}
-    cc = None
-    if q.device.type == "cuda":
-        major, minor = torch.cuda.get_device_capability(q.device)
-        cc = 10 * major + minor
-    cands = candidates(b, d, q.element_size(), cc)
+    cands = candidates(b, d, q.element_size())
     fixed = bool(explicit) or _interpreting() or merges is not None
     cfg = {**cands[0], **explicit}
     # splits are cut at a multiple of every candidate's BLOCK_N, so the autotuner's choice does not move them
@@ -324,8 +322,8 @@ def _ip_topk_forward(q, index, k, exclude=None, splits=None, merges=None, share=
     if count and merges.numel() != n_qblocks * splits:
         raise ValueError(f"merges must hold {n_qblocks * splits} counts (query blocks x splits)")
     counts = merges if count else part  # never written without COUNT
-    # slots for the shared bound (see SHARE in the kernel): ~4 programs a slot, at most k
-    n_slots = max(1, min(k, splits // 4))
+    # slots for the shared bound (see SHARE in the kernel): ~4 programs a slot, at most k and the kernel's SLOTS
+    n_slots = max(1, min(k, SLOTS.value, splits // 4))
     args = (q, index, excl, bar, part, counts, b, n, k, rows_per_split, n_slots,
             q.stride(0), q.stride(1), index.stride(0), index.stride(1))
     const = dict(D=d, BLOCK_D=block_d(d), KP=kp, PRECISION=_precision(q.dtype), COUNT=count, SHARE=share,
@@ -389,27 +387,25 @@ def launch_configs():
     for dtype, name in names.items():
         esize = torch.empty((), dtype=dtype).element_size()
         typed = {"Q": f"*{name}", "X": f"*{name}", **sig}
-        for (bucket, size), cands in CONFIGS.items():
-            if size != min(esize, 4):
-                continue
-            for j, cfg in enumerate(c for c in cands if smem_bytes(c, d, esize) <= SMEM_BUDGET):
-                opts = {"num_warps": cfg["num_warps"], "num_stages": cfg["num_stages"]}
-                lo, hi = cfg.get("sm", (0, 999))
-                archs = tuple(a for a in (80, 90) if lo <= a <= hi)
-                for kp in kps:
-                    const = {"D": d, "BLOCK_D": block_d(d), "KP": kp, "PRECISION": _precision(dtype),
-                             "UPCAST": False, "SHARE": True, "COUNT": False, "BLOCK_B": cfg["block_b"],
-                             "BLOCK_N": cfg["block_n"], "NUM_STAGES": cfg["num_stages"]}
-                    common = dict(kernel=_ip_topk_stream_kernel, signature=typed, options=opts, stream=True,
-                                  archs=archs)
-                    yield dict(common, constexprs={**const, "stride_qd": 1, "stride_xd": 1},
+        configs = []  # this dtype's candidates over both buckets, each once
+        for (_, size), cands in CONFIGS.items():
+            configs += [c for c in cands if size == min(esize, 4) and c not in configs
+                        and smem_bytes(c, d, esize) <= SMEM_BUDGET]
+        for j, cfg in enumerate(configs):
+            opts = {"num_warps": cfg["num_warps"], "num_stages": cfg["num_stages"]}
+            for kp in kps:
+                const = {"D": d, "BLOCK_D": block_d(d), "KP": kp, "PRECISION": _precision(dtype),
+                         "UPCAST": False, "SHARE": True, "COUNT": False, "BLOCK_B": cfg["block_b"],
+                         "BLOCK_N": cfg["block_n"], "NUM_STAGES": cfg["num_stages"]}
+                common = dict(kernel=_ip_topk_stream_kernel, signature=typed, options=opts, stream=True)
+                yield dict(common, constexprs={**const, "stride_qd": 1, "stride_xd": 1},
+                           divisible=pointers + ("stride_qb", "stride_xn", "rows_per_split"))
+                if j == 0 and kp == kps[0]:  # the first config of a dtype
+                    # 2-byte elements at unknown alignment cannot be copied asynchronously (cp.async moves 4, 8
+                    # or 16 bytes): a generic 16-bit variant only has to compile without spills
+                    yield dict(common, constexprs=const, divisible=(), stream=esize == 4)
+                    yield dict(common, constexprs={**const, "B": 1, "stride_qd": 1, "stride_xd": 1},
                                divisible=pointers + ("stride_qb", "stride_xn", "rows_per_split"))
-                    if bucket == j == 0 and kp == kps[0]:  # the first config of a dtype
-                        # 2-byte elements at unknown alignment cannot be copied asynchronously (cp.async moves 4, 8
-                        # or 16 bytes): a generic 16-bit variant only has to compile without spills
-                        yield dict(common, constexprs=const, divisible=(), stream=esize == 4)
-                        yield dict(common, constexprs={**const, "B": 1, "stride_qd": 1, "stride_xd": 1},
-                                   divisible=pointers + ("stride_qb", "stride_xn", "rows_per_split"))
 
 
 def ip_topk_triton(q, index, k, exclude=None, **launch):
