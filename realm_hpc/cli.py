@@ -1,4 +1,7 @@
-"""`realm-hpc` subcommands. Thin: parse, build, run; every user error is one line and a non-zero exit."""
+"""`realm-hpc` subcommands. Parse and dispatch only: each command turns its arguments into a config (realm_hpc/runs.py)
+and hands it to the room that runs it (launch.py for pretrain/finetune and refresher ranks, train.py / finetune.py
+for evaluation, retrieval/store.py for index directories, bench/ for benchmarks). Every user error is one line and
+a non-zero exit."""
 
 from __future__ import annotations
 
@@ -12,8 +15,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 from realm_hpc import preempt  # noqa: E402
-from realm_hpc.config import Config, ConfigError, apply_overrides, load_config  # noqa: E402
-from realm_hpc.recipes import RECIPES, get_recipe  # noqa: E402
+from realm_hpc.config import ConfigError  # noqa: E402
+from realm_hpc.recipes import RECIPES  # noqa: E402
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -26,6 +29,8 @@ def _parser() -> argparse.ArgumentParser:
     pre.add_argument("--steps", type=int, help="REALM steps (overrides train.steps)")
     pre.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config field")
     pre.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")
+    pre.add_argument("--overwrite", action="store_true",
+                     help="replace the run in --out (without it, an --out that holds a run is refused)")
     pre.add_argument("--refreshers", type=int,
                      help="the last M MPI ranks re-encode the corpus, a shard each (sets refresh.mode=mpi; "
                           "default 1 when the recipe's refresh.mode is mpi)")
@@ -41,23 +46,31 @@ def _parser() -> argparse.ArgumentParser:
     ft.add_argument("--out", required=True, help="fine-tune run directory")
     ft.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config field")
     ft.add_argument("--resume", action="store_true", help="continue the fine-tune in --out from its checkpoint")
+    ft.add_argument("--overwrite", action="store_true",
+                    help="replace the run in --out (without it, an --out that holds a run is refused)")
     ft.add_argument("--deepspeed-config", metavar="JSON",
                     help="DeepSpeed JSON for the trainers (sets train.deepspeed; several trainers default to ZeRO-2)")
 
-    ev = sub.add_parser("evaluate", help="recall@k and MLM accuracy of a run's checkpoint; with --qa: Open-QA EM")
-    ev.add_argument("--run", required=True)
-    ev.add_argument("--qa", help="a .qa.csv/.jsonl file: exact match and recall@k of a fine-tuned run")
+    ev = sub.add_parser("evaluate", help="recall@k and MLM accuracy of a run's checkpoint (test and dev); with --qa: "
+                                         "Open-QA EM of a fine-tuned run, or retrievers compared (--index)")
+    ev.add_argument("--run", help="a pretraining run, or with --qa a fine-tuned run")
+    ev.add_argument("--qa", help="a .qa.csv/.jsonl file: exact match and recall@k of a fine-tuned run (--run), or "
+                                 "top-k retrieval accuracy of indexes (--index)")
+    ev.add_argument("--index", action="append", default=[], metavar="INDEX_DIR",
+                    help="with --qa: an index directory (dense or bm25), repeatable; one table row each, no reader")
+    ev.add_argument("--out", help="with --index: the JSON file (default runs/eval/NAME.retrieval.json)")
 
     ex = sub.add_parser("export", help="a run's query encoder, doc encoder and reader as plain HF directories")
     ex.add_argument("--run", required=True, help="a run directory (its checkpoint)")
     ex.add_argument("--out", required=True, help="the export directory (written atomically)")
 
-    bi = sub.add_parser("build-index", help="encode a corpus with a checkpoint's doc encoder into an index directory")
-    bi.add_argument("--run", help="a run directory: its checkpoint and its corpus")
+    bi = sub.add_parser("build-index", help="encode a corpus with a checkpoint's doc encoder into an index directory, "
+                                            "or index it with BM25 (--backend bm25, no checkpoint)")
+    bi.add_argument("--run", help="a run directory: its checkpoint and its corpus (bm25: its corpus)")
     bi.add_argument("--checkpoint", help="a checkpoint directory (config.json in it or beside it); needs --corpus")
-    bi.add_argument("--corpus", help="DPR .tsv or .jsonl corpus to encode (with --checkpoint)")
+    bi.add_argument("--corpus", help="DPR .tsv or .jsonl corpus to encode (with --checkpoint) or to index (bm25)")
     bi.add_argument("--out", required=True, help="the index directory (written atomically)")
-    bi.add_argument("--backend", help="exact | faiss-flat | faiss-ivfpq (index.backend)")
+    bi.add_argument("--backend", help="exact | faiss-flat | faiss-ivfpq (index.backend) | bm25 (bm25s, no encoder)")
     bi.add_argument("--dtype", help="embeddings.npy storage: fp32 | fp16 | bf16 (index.dtype)")
     bi.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                     help="override a config field, e.g. index.nlist=1024 index.m=32 index.nprobe=16")
@@ -97,7 +110,27 @@ def _parser() -> argparse.ArgumentParser:
         if name == "refresh":
             bp.add_argument("--docs", type=int, help="documents re-encoded per timed pass")
             bp.add_argument("--batch-size", type=int, help="documents per forward (default refresh.batch_size)")
+    st = bsub.add_parser("staleness", help="the stale-index ablation: one recipe pretrained at several refresh "
+                                           "intervals (+ the MPI refresher at one), a row per run")
+    st.add_argument("--quick", action="store_true", help="a small world, <= 15 min on 2 cores")
+    st.add_argument("--out", help="output directory, a run per row in it (default runs/bench/staleness)")
+    st.add_argument("--recipe", help="the recipe every row pretrains (default demo)")
+    st.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config field")
+    st.add_argument("--intervals", nargs="+", type=_refresh_every, metavar="N|never",
+                    help="refresh.every of the inline rows (default 25 100 400 never)")
+    st.add_argument("--mpi-intervals", nargs="*", type=_refresh_every, metavar="N",
+                    help="of those, the ones also run with the MPI refresher (default 25; none: no MPI row)")
     return p
+
+
+def _refresh_every(text: str) -> int:
+    """refresh.every as the bench takes it: a step count, or 'never' (0)."""
+    if text == "never":
+        return 0
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a step count or 'never', got {text!r}") from None
 
 
 PREEMPTIBLE = {"pretrain", "finetune"}
@@ -106,7 +139,7 @@ PREEMPTIBLE = {"pretrain", "finetune"}
 def main(argv: list[str] | None = None) -> None:
     args = _parser().parse_args(argv)
     try:
-        # SIGUSR1/SIGTERM -> checkpoint at the next step boundary; other commands keep the default (terminate).
+        # SIGUSR1/SIGTERM/SIGINT -> checkpoint at the next step boundary; other commands keep the default.
         with preempt.handlers() if args.command in PREEMPTIBLE else nullcontext():
             {"pretrain": cmd_pretrain, "finetune": cmd_finetune, "evaluate": cmd_evaluate, "export": cmd_export,
              "build-index": cmd_build_index, "retrieve": cmd_retrieve, "bench": cmd_bench,
@@ -115,8 +148,16 @@ def main(argv: list[str] | None = None) -> None:
         # Not an error: a clean exit that job scripts (slurm/*.sbatch) answer with a requeue and --resume.
         print(f"{e}; exit {preempt.EXIT_PREEMPTED}, continue with --resume", file=sys.stderr, flush=True)
         sys.exit(preempt.EXIT_PREEMPTED)
-    except (ConfigError, FileNotFoundError, ValueError) as e:
+    except KeyboardInterrupt:
+        # Ctrl-C outside a training loop, or a second one inside: stop now, the last checkpoint stays as it was.
+        kept = " (a second Ctrl-C stops at once: the last checkpoint, if any, is kept)" if args.command in PREEMPTIBLE \
+            else ""
+        _fail(f"interrupted{kept}", code=preempt.EXIT_INTERRUPTED)
+    except (ConfigError, ValueError) as e:
         _fail(f"error: {e}", code=2)
+    except OSError as e:  # the environment: a missing file, no permission, a full disk, a file where a dir should be
+        where = f"{e.filename}: " if e.filename and e.strerror else ""
+        _fail(f"error: {where}{e.strerror if where else e}", code=2 if isinstance(e, FileNotFoundError) else 1)
     except RuntimeError as e:
         _fail(f"error: {e}", code=1)
 
@@ -130,317 +171,94 @@ def _fail(message: str, code: int) -> None:
     sys.exit(code)
 
 
-# -- pretrain ------------------------------------------------------------------------------------------------------
-def resolve_config(args) -> Config:
-    saved = Path(args.out) / "config.json"
-    if args.resume and saved.exists():
-        cfg = load_config(str(saved))
-    else:
-        cfg = get_recipe(args.recipe)
-    if args.steps is not None:
-        args.set = [*args.set, f"train.steps={args.steps}"]
-    # --refreshers asks for refresher ranks; an explicit --set refresh.mode=inline beside it is an error (cmd_pretrain)
-    implied = ["refresh.mode=mpi"] if getattr(args, "refreshers", None) is not None else []
-    return apply_overrides(cfg, [*implied, *args.set, *_deepspeed_override(args)])
-
-
-def _deepspeed_override(args) -> list[str]:
-    if not getattr(args, "deepspeed_config", None):
-        return []
-    # absolute, so that a --resume from another directory finds it again (config.json keeps it)
-    return [f"train.deepspeed={Path(args.deepspeed_config).resolve()}"]
-
-
-def _trainer_group(cfg: Config):
-    """Every rank a trainer: mpiexec (COMM_WORLD), torchrun (RANK/WORLD_SIZE), or a plain launch (one trainer)."""
-    from realm_hpc.dist import init_trainer_group, launched_by_mpi
-
-    if launched_by_mpi():
-        from mpi4py import MPI
-
-        return init_trainer_group(MPI.COMM_WORLD, force=bool(cfg.train.deepspeed), device=cfg.train.device)
-    return init_trainer_group(None, force=bool(cfg.train.deepspeed), device=cfg.train.device)
-
-
-def _write_run_config(run_dir: Path, cfg: Config, group) -> None:
-    """Trainer 0 creates the run directory and its config.json; the others wait for it."""
-    from realm_hpc.checkpoint import atomic_write_json
-    from realm_hpc.dist import barrier
-
-    if group.rank == 0:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        atomic_write_json(run_dir / "config.json", cfg.to_dict())
-    barrier(group)
-
-
-def _leave_trainer_group() -> None:
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        dist.destroy_process_group()
-
-
+# -- commands: each parses its arguments into a config and hands it to the room that runs it ------------------------
 def cmd_pretrain(args) -> None:
-    import torch
+    from realm_hpc.launch import pretrain
+    from realm_hpc.runs import pretrain_config
 
-    from realm_hpc.dist import (init_trainer_group, launched_by_mpi, leave_if_finalize_would_hang, mpi_roles, print0,
-                                 spawn_would_wait_forever, trainer_comm)
-    from realm_hpc.train import Pretrainer
-
-    cfg = resolve_config(args)
-    run_dir = Path(args.out)
-    factory, roles, comm, made = None, None, None, []
-    if args.refreshers is not None and cfg.refresh.mode != "mpi":
-        raise ConfigError(f"--refreshers {args.refreshers} asks for refresher ranks, but refresh.mode="
-                          f"{cfg.refresh.mode}: drop one of them")
-    if cfg.refresh.mode == "mpi":
-        if not launched_by_mpi():
-            raise ConfigError("refresh.mode=mpi needs an MPI launch: mpiexec -n 2 realm-hpc pretrain ...")
-        n_refreshers = 1 if args.refreshers is None else args.refreshers
-        if n_refreshers < 1:
-            raise ConfigError("--refreshers must be >= 1 (for inline refresh: --set refresh.mode=inline)")
-        roles, comm = mpi_roles(n_refreshers=n_refreshers)
-        sub = trainer_comm(comm, roles)
-        if not roles.is_trainer:
-            torch.set_num_threads(1)  # the trainers keep the cores; a refresher is busy only between swaps
-            _serve_refresher(comm, roles.refresher_index, roles.n_refreshers)
-            return
-        group = init_trainer_group(sub, force=bool(cfg.train.deepspeed), device=cfg.train.device)
-        from realm_hpc.retrieval.refresh import MPIRefresher, RefresherSpawner, TrainerBroadcastRefresher
-
-        respawn = cfg.refresh.respawn
-        if respawn and (why := spawn_would_wait_forever()):
-            print0(f"warning: refresh.respawn off: {why}; a lost refresher leaves the last index "
-                   "(export SLURM_OVERLAP=1 before srun to allow replacements)", file=sys.stderr)
-            respawn = False
-        spawner = RefresherSpawner(sub, roles.n_refreshers) if respawn else None
-
-        def factory(data):
-            inner = None
-            if group.rank == 0:
-                inner = MPIRefresher(comm, roles.refresher_ranks, len(data.blocks), cfg.model.proj_dim,
-                                     cfg.refresh.every, str(run_dir), timeout_s=cfg.refresh.timeout_s,
-                                     spawner=None if group.distributed else spawner)
-            made.append(inner if not group.distributed else
-                        TrainerBroadcastRefresher(inner, group, len(data.blocks), cfg.model.proj_dim, spawner))
-            return made[-1]
-    else:  # inline refresh: every rank is a trainer
-        group = _trainer_group(cfg)
-    _write_run_config(run_dir, cfg, group)  # the others read run_dir/data only after trainer 0 created it
-    try:
-        summary = Pretrainer(cfg, run_dir, resume=args.resume, refresher_factory=factory, group=group).run()
-    except BaseException as e:
-        # A preemption in the REALM loop already stopped the refreshers (the loop closes its refresher).
-        if factory is not None and group.rank == 0 and not (isinstance(e, preempt.Preempted) and e.checkpointed):
-            from realm_hpc.retrieval.refresh import TAG_STOP
-
-            inner = made[0] if made else None
-            inner = getattr(inner, "inner", inner)  # the MPIRefresher: it knows the refreshers in use
-            talk, ranks = (inner.comm, inner.refreshers) if inner is not None else (comm, roles.refresher_ranks)
-            for r in ranks:  # let the refreshers exit instead of waiting forever
-                talk.isend("lost" if inner is not None and inner.losses else None, dest=r, tag=TAG_STOP)
-        raise
-    _leave_trainer_group()
-    print0(format_summary(summary))
-    print0(f"wrote {run_dir / 'summary.json'}, {run_dir / 'metrics.jsonl'}, {run_dir / 'curves.png'}")
-    leave_if_finalize_would_hang(bool(made and made[0].losses))  # the run's files are written
+    cfg = pretrain_config(args.out, args.recipe, args.set, resume=args.resume, steps=args.steps,
+                          refreshers=args.refreshers, deepspeed_config=args.deepspeed_config)
+    pretrain(cfg, Path(args.out), resume=args.resume, refreshers=args.refreshers, overwrite=args.overwrite)
 
 
 def cmd_refresher(args) -> None:
-    from mpi4py import MPI  # first: the trainers wait in MPI_Comm_spawn until this process has initialised MPI
+    from realm_hpc.launch import replacement_refresher
 
-    from realm_hpc.dist import leave_if_finalize_would_hang
-
-    parent = MPI.Comm.Get_parent()
-    if parent == MPI.COMM_NULL:
-        raise ConfigError("realm-hpc refresher is started by the trainers (MPI_Comm_spawn), not by hand")
-    import torch
-
-    torch.set_num_threads(1)
-    _serve_refresher(parent, shard_index=parent.Get_rank(), n_shards=parent.Get_size())
-    leave_if_finalize_would_hang(True)  # spawned after a rank died: its Finalize would wait on the dead one
-
-
-def _serve_refresher(comm, shard_index: int, n_shards: int) -> None:
-    from realm_hpc.dist import leave_if_finalize_would_hang
-    from realm_hpc.retrieval.refresh import serve_refresher
-
-    def make_encoder(run_dir: str):
-        from realm_hpc.data.blocks import BlockStore
-        from realm_hpc.data.tokenizer import load_tokenizer
-        from realm_hpc.models.encoders import Encoder
-
-        from realm_hpc.device import node_local_rank, refresher_device
-
-        cfg = load_config(str(Path(run_dir) / "config.json"))
-        tokenizer = load_tokenizer(cfg.model.pretrained or Path(run_dir) / "data" / "tokenizer")
-        # The weights arrive as CPU floats (load_flat_params copies them in); embeddings go back as CPU numpy.
-        device = refresher_device(cfg.refresh.device, node_local_rank())
-        encoder = Encoder(cfg.model, len(tokenizer), cfg.model.block_len).to(device)
-        return encoder, BlockStore.open(Path(run_dir) / "data" / "blocks"), cfg.refresh.batch_size
-
-    stop = serve_refresher(comm, trainer=0, shard_index=shard_index, n_shards=n_shards, make_encoder=make_encoder)
-    leave_if_finalize_would_hang(stop == "lost")  # replaced after another rank died
-
-
-def format_summary(summary: dict) -> str:
-    width = max(len(k) for k in summary)
-    lines = ["", "summary", "-" * (width + 14)]
-    for key, value in summary.items():
-        shown = f"{value:.4f}" if isinstance(value, float) else str(value)
-        lines.append(f"{key:<{width}}  {shown}")
-    return "\n".join(lines)
-
-
-# -- evaluate, build-index, retrieve --------------------------------------------------------------------------
-def _load_run(run: str):
-    from realm_hpc.checkpoint import load_checkpoint
-    from realm_hpc.data.examples import PretrainData
-    from realm_hpc.models.realm import Realm
-
-    run_dir = Path(run)
-    if not (run_dir / "config.json").exists():
-        raise FileNotFoundError(f"{run_dir / 'config.json'}: not a run directory (no config.json)")
-    cfg = load_config(str(run_dir / "config.json"))
-    data = PretrainData(cfg, run_dir, build=False)
-    model = Realm(cfg, data.vocab_size)
-    model.load_state_dict(load_checkpoint(run_dir / "checkpoint")["model"])
-    model.eval()
-    return cfg, data, model
+    replacement_refresher()
 
 
 def cmd_finetune(args) -> None:
-    from realm_hpc.dist import print0
-    from realm_hpc.finetune import Finetuner
+    from realm_hpc.launch import finetune
+    from realm_hpc.runs import finetune_config
 
-    out = Path(args.out)
-    cfg = _finetune_config(args)
-    group = _trainer_group(cfg)
-    _write_run_config(out, cfg, group)
-    summary = Finetuner(cfg, out, resume=args.resume, group=group).run()
-    _leave_trainer_group()
-    print0(format_summary(summary))
-    print0(f"wrote {out / 'summary.json'}, {out / 'eval'}/, {out / 'metrics.jsonl'}")
-
-
-def _finetune_config(args) -> Config:
-    """The saved config on --resume, else the pretrained run's model and data with the recipe's qa section."""
-    from realm_hpc.recipes import FINETUNE_RECIPES
-
-    out = Path(args.out)
-    overrides = [*args.set, *_deepspeed_override(args)]
-    if args.resume and (out / "config.json").exists():
-        cfg = apply_overrides(load_config(str(out / "config.json")), overrides)
-    else:
-        if args.recipe not in FINETUNE_RECIPES:
-            known = ", ".join(sorted(FINETUNE_RECIPES))
-            raise ConfigError(f"finetune: unknown recipe '{args.recipe}' (known: {known})")
-        if not args.pretrained:
-            raise ConfigError("finetune: --pretrained RUN_DIR is required")
-        pre = Path(args.pretrained) / "config.json"
-        if not pre.exists():
-            raise FileNotFoundError(f"{pre}: not a run directory (no config.json)")
-        cfg = load_config(str(pre))  # the pretrained run's model and data; the recipe's qa section
-        cfg.recipe, cfg.qa = args.recipe, FINETUNE_RECIPES[args.recipe]().qa
-        cfg.qa.pretrained = str(args.pretrained)
-        cfg = apply_overrides(cfg, overrides)
-    return cfg
+    cfg = finetune_config(args.out, args.recipe, args.pretrained, args.set, resume=args.resume,
+                          deepspeed_config=args.deepspeed_config)
+    finetune(cfg, Path(args.out), resume=args.resume, overwrite=args.overwrite)
 
 
 def cmd_evaluate(args) -> None:
-    from realm_hpc.checkpoint import atomic_write_json
+    from realm_hpc.metrics import format_summary
 
+    if args.index:
+        if not args.qa or args.run:
+            raise ConfigError("evaluate --index needs --qa FILE and no --run")
+        from realm_hpc.evaluate import compare_retrievers
+
+        out = Path(args.out or Path("runs") / "eval" / f"{Path(args.qa).name.split('.')[0]}.retrieval.json")
+        _, table = compare_retrievers(args.qa, args.index, out)
+        print(table)
+        print(f"wrote {out}")
+        return
+    if not args.run:
+        raise ConfigError("evaluate needs --run DIR, or --qa FILE with --index INDEX_DIR")
+    if args.out:
+        raise ConfigError("--out goes with --index")
     if args.qa:
         from realm_hpc.finetune import evaluate_run
-
-        print(format_summary(evaluate_run(args.run, args.qa)))
-        return
-    from realm_hpc.evaluate import mlm_accuracy, retrieval_metrics, share
-    from realm_hpc.train import fresh_index
-
-    from realm_hpc.device import trainer_device
-
-    cfg, data, model = _load_run(args.run)
-    model.to(trainer_device(cfg.train.device))  # where the run evaluated itself: the numbers of its summary
-    k = cfg.retrieval.k
-    index = fresh_index(model, data, cfg, 0, 0)
-    recall, reach = retrieval_metrics(model, data, index, k)
-    result = {f"recall_at_{k}": recall,
-              f"chance_recall_at_{k}": data.chance_recall(k),
-              f"span_in_top_{k}": share(reach),
-              "mlm_acc_retrieval": mlm_accuracy(model, data, index, k, cfg.eval.batch_size),
-              "eval_examples": len(data.eval)}
-    atomic_write_json(Path(args.run) / "eval.json", result)
+        result = evaluate_run(args.run, args.qa)
+    else:
+        from realm_hpc.train import evaluate_run
+        result = evaluate_run(args.run)
     print(format_summary(result))
-
-
-def _load_checkpoint_dir(ckpt: str):
-    """(cfg, tokenizer, model) from a checkpoint directory; config.json and data/tokenizer are looked up in it,
-    then beside it (a run's checkpoint/ sits in the run directory)."""
-    from realm_hpc.checkpoint import load_checkpoint
-    from realm_hpc.data.tokenizer import load_tokenizer
-    from realm_hpc.models.realm import Realm
-
-    ckpt_dir = Path(ckpt)
-    if not ckpt_dir.is_dir():
-        raise FileNotFoundError(f"{ckpt_dir}: no such checkpoint directory")
-    found = [d / "config.json" for d in (ckpt_dir, ckpt_dir.parent) if (d / "config.json").is_file()]
-    if not found:
-        raise FileNotFoundError(f"{ckpt_dir / 'config.json'}: no config.json in the checkpoint or beside it")
-    cfg = load_config(str(found[0]))
-    tok_dirs = [Path(cfg.model.pretrained)] if cfg.model.pretrained else [
-        d / "tokenizer" for d in (ckpt_dir, ckpt_dir / "data", found[0].parent / "data")]
-    tok_dir = next((d for d in tok_dirs if d.is_dir()), tok_dirs[0])
-    tokenizer = load_tokenizer(tok_dir)
-    model = Realm(cfg, len(tokenizer))
-    model.load_state_dict(load_checkpoint(ckpt_dir)["model"])
-    model.eval()
-    return cfg, tokenizer, model
 
 
 def cmd_export(args) -> None:
     from realm_hpc.export import export_model
+    from realm_hpc.runs import load_checkpoint_dir
 
     run_dir = Path(args.run)
-    cfg, tokenizer, model = _load_checkpoint_dir(str(run_dir / "checkpoint"))
+    cfg, tokenizer, model = load_checkpoint_dir(run_dir / "checkpoint")
     out = export_model(cfg, tokenizer, model, args.out, source=str(run_dir.resolve()))
     print(f"exported query_encoder/, doc_encoder/, reader/ to {out}")
 
 
 def cmd_build_index(args) -> None:
-    import tempfile
+    from realm_hpc.runs import build_bm25_index_dir, build_index_dir
 
-    from realm_hpc.data.blocks import BlockStore
-    from realm_hpc.data.corpus import read_corpus
-    from realm_hpc.retrieval.store import build_index
-
+    if args.backend == "bm25":
+        if bool(args.run) == bool(args.corpus) or args.checkpoint:
+            raise ConfigError("build-index --backend bm25 needs --corpus FILE or --run DIR (no checkpoint)")
+        if args.dtype or args.set:
+            raise ConfigError("build-index --backend bm25 takes no --dtype or --set (it stores no embeddings)")
+        count = build_bm25_index_dir(args.out, run=args.run, corpus=args.corpus)
+        print(f"wrote {args.out} ({count} documents, bm25)")
+        return
     if bool(args.run) == bool(args.checkpoint) or bool(args.checkpoint) != bool(args.corpus):
         raise ConfigError("build-index needs --run DIR, or --checkpoint DIR with --corpus FILE")
     index_sets = [f"index.{key}={value}" for key, value in (("backend", args.backend), ("dtype", args.dtype))
                   if value]
-    out = Path(args.out)
-    if args.run:
-        cfg, data, model = _load_run(args.run)
-        cfg = apply_overrides(cfg, [*args.set, *index_sets])
-        build_index(model, data.blocks, data.tokenizer, cfg, out)
-        count = len(data.blocks)
-    else:
-        cfg, tokenizer, model = _load_checkpoint_dir(args.checkpoint)
-        cfg = apply_overrides(cfg, [*args.set, *index_sets])
-        docs = read_corpus(args.corpus)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryDirectory(dir=out.parent, prefix=f".{out.name}.blocks-") as tmp:
-            blocks = BlockStore.build(docs, tokenizer, Path(tmp) / "blocks", max_len=cfg.model.block_len)
-            build_index(model, blocks, tokenizer, cfg, out)
-        count = len(docs)
-    print(f"wrote {out} ({count} documents, dim {cfg.model.proj_dim}, {cfg.index.dtype}, {cfg.index.backend})")
+    cfg, count = build_index_dir(args.out, [*args.set, *index_sets], run=args.run, checkpoint=args.checkpoint,
+                                 corpus=args.corpus)
+    print(f"wrote {args.out} ({count} documents, dim {cfg.model.proj_dim}, {cfg.index.dtype}, {cfg.index.backend})")
 
 
 def cmd_retrieve(args) -> None:
-    from realm_hpc.retrieval.store import SavedIndex
+    from realm_hpc.retrieval.store import open_index
 
     if bool(args.question) == bool(args.queries):
         raise ConfigError("retrieve needs a question or --queries FILE (not both)")
+    if args.question is not None and not args.question.strip():  # --queries files refuse blank questions too
+        raise ConfigError("retrieve: the question is blank (give a question or --queries FILE)")
     if args.out and not args.queries:
         raise ConfigError("--out goes with --queries")
     if args.batch_size < 1:
@@ -449,12 +267,12 @@ def cmd_retrieve(args) -> None:
         from realm_hpc.retrieval.queries import read_queries, write_results
 
         queries = read_queries(args.queries)  # every line checked before the index is loaded
-        index = SavedIndex.open(args.index)
+        index = open_index(args.index)
         write_results(index, queries, args.k, args.batch_size, args.out)
         if args.out:
             print(f"wrote {args.out} ({len(queries)} queries, top {args.k})")
         return
-    index = SavedIndex.open(args.index)
+    index = open_index(args.index)
     for rank, (doc_id, title, score) in enumerate(index.retrieve(args.question, args.k), 1):
         print(f"{rank:>3}  {score:9.4f}  {doc_id:>10}  {title}")
     sys.stdout.flush()
@@ -467,6 +285,9 @@ def cmd_bench(args) -> None:
         cfg = bench.config(quick_run=args.quick, out=args.out, backends=args.backends, batch_sizes=args.batch_sizes,
                            n=args.n, dim=args.dim, dtypes=args.dtype, index=args.index, k=args.k, nprobe=args.nprobe,
                            min_repeats=args.repeats, seed=args.seed)
+    elif args.bench_command == "staleness":
+        cfg = bench.config(quick_run=args.quick, out=args.out, recipe=args.recipe, overrides=args.set or None,
+                           intervals=args.intervals, mpi_intervals=args.mpi_intervals)
     else:
         extra = dict(docs=args.docs, batch_size=args.batch_size) if args.bench_command == "refresh" else {}
         cfg = bench.config(quick_run=args.quick, out=args.out, recipe=args.recipe, overrides=args.set or None,

@@ -1,11 +1,12 @@
-"""Held-out metrics: span_in_top_k against a brute force, the per-token MLM hits and the paired test on them."""
+"""Held-out metrics: span_in_top_k against a brute force, the per-token MLM hits, the per-span hits built from them,
+and the paired test."""
 
 import pytest
 import torch
 
 from realm_hpc.config import apply_overrides
 from realm_hpc.data.examples import PretrainData
-from realm_hpc.evaluate import (mlm_accuracy, mlm_token_hits, paired_sign_test, per_token, recall_at_k,
+from realm_hpc.evaluate import (mlm_accuracy, mlm_token_hits, paired_sign_test, per_example, per_token, recall_at_k,
                                 retrieval_metrics, share, spans_in_top_k)
 from realm_hpc.models.realm import Realm
 from realm_hpc.recipes import get_recipe
@@ -14,7 +15,7 @@ from realm_hpc.train import fresh_index
 
 @pytest.fixture(scope="module")
 def setup(small_world, tmp_path_factory):
-    cfg = apply_overrides(get_recipe("tiny"), small_world + ["data.eval_examples=30"])
+    cfg = apply_overrides(get_recipe("tiny"), small_world + ["data.eval_examples=30", "data.dev_examples=0"])
     data = PretrainData(cfg, tmp_path_factory.mktemp("run"))
     torch.manual_seed(0)
     model = Realm(cfg, data.vocab_size)
@@ -30,25 +31,25 @@ def _holds(data, doc: int, span) -> bool:
 def test_span_in_top_k_matches_a_brute_force_and_grows_with_k(setup):
     cfg, data, model, index = setup
     n_docs = len(data.blocks)
-    shares = {k: share(spans_in_top_k(model, data, index, k)) for k in (1, 4, n_docs - 1)}
+    shares = {k: share(spans_in_top_k(model, data, index, k, split="test")) for k in (1, 4, n_docs - 1)}
     assert shares[1] <= shares[4] <= shares[n_docs - 1]
     # All documents but the source: the share of spans that occur anywhere else in the corpus.
     anywhere = [any(_holds(data, d, e.sentence.ids[e.span[0]:e.span[1]]) for d in range(n_docs) if d != e.source)
-                for e in data.eval]
+                for e in data.heldout("test")]
     assert shares[n_docs - 1] == pytest.approx(sum(anywhere) / len(anywhere))
     # The held-out facts are stated elsewhere in the world (their gold documents): most spans occur somewhere.
     assert shares[n_docs - 1] > 0.5
     with torch.no_grad():
         q = model.eval().retriever.query(*next(iter(_queries(data))))  # eval mode, as spans_in_top_k encodes
-    assert q.shape[0] == len(data.eval)
-    _, top = index.search(q, 4, torch.tensor([e.source for e in data.eval]))
+    assert q.shape[0] == len(data.heldout("test"))
+    _, top = index.search(q, 4, torch.tensor([e.source for e in data.heldout("test")]))
     brute = [any(_holds(data, d, e.sentence.ids[e.span[0]:e.span[1]]) for d in row)
-             for e, row in zip(data.eval, top.tolist())]
+             for e, row in zip(data.heldout("test"), top.tolist())]
     assert shares[4] == pytest.approx(sum(brute) / len(brute))
 
 
 def _queries(data):
-    for _, batch in data.eval_batches(len(data.eval)):
+    for _, batch in data.eval_batches("test", len(data.heldout("test"))):
         yield batch.query_ids, batch.query_mask
 
 
@@ -56,31 +57,61 @@ def test_mlm_token_hits_pair_up_token_by_token_and_give_the_accuracy(setup):
     """One hit per held-out masked token, in a fixed order: the same model twice gives the same vector, and its
     mean is mlm_accuracy. A model that reads nothing (closed book) lines up with it token for token."""
     cfg, data, model, index = setup
-    hits = mlm_token_hits(model, data, index, 2)
-    n_tokens = sum(e.span[1] - e.span[0] for e in data.eval)
+    hits = mlm_token_hits(model, data, index, 2, split="test")
+    n_tokens = sum(e.span[1] - e.span[0] for e in data.heldout("test"))
     assert hits.dtype == torch.bool and hits.shape == (n_tokens,)
-    assert torch.equal(hits, mlm_token_hits(model, data, index, 2, batch_size=7))
-    assert mlm_accuracy(model, data, index, 2) == pytest.approx(hits.float().mean().item())
-    assert mlm_token_hits(model, data, None, 0).shape == hits.shape
+    assert torch.equal(hits, mlm_token_hits(model, data, index, 2, split="test", batch_size=7))
+    assert mlm_accuracy(model, data, index, 2, split="test") == pytest.approx(hits.float().mean().item())
+    assert mlm_token_hits(model, data, None, 0, split="test").shape == hits.shape
     # Example flags spread over each example's masked tokens line up with the hits.
-    reach = spans_in_top_k(model, data, index, 2)
-    flags = per_token(data, reach)
-    assert flags.shape == hits.shape and len(reach) == len(data.eval)
+    reach = spans_in_top_k(model, data, index, 2, split="test")
+    flags = per_token(data, reach, split="test")
+    assert flags.shape == hits.shape and len(reach) == len(data.heldout("test"))
     assert share(reach) == pytest.approx(sum(reach) / len(reach))
     # One search gives both retrieval metrics, the same as the two functions on their own.
-    assert retrieval_metrics(model, data, index, 2) == (recall_at_k(model, data, index, 2), reach)
-    assert int(flags.sum()) == sum(e.span[1] - e.span[0] for e, r in zip(data.eval, reach) if r)
+    assert retrieval_metrics(model, data, index, 2, split="test") == (
+        recall_at_k(model, data, index, 2, split="test"), reach)
+    assert int(flags.sum()) == sum(e.span[1] - e.span[0] for e, r in zip(data.heldout("test"), reach) if r)
 
 
 @pytest.mark.parametrize("only_a, only_b, both, p", [
-    (8, 0, 5, 2 / 2 ** 8),  # 8 of 8 discordant tokens favour a: 2 x (1/2)^8
+    (8, 0, 5, 2 / 2 ** 8),  # 8 of 8 discordant trials favour a: 2 x (1/2)^8
     (3, 3, 0, 1.0),  # an even split is no evidence
     (0, 0, 9, 1.0),  # nothing discordant
     (1, 4, 2, 2 * (1 + 5) / 2 ** 5),  # P(X <= 1), X ~ Bin(5, 1/2), doubled
 ])
-def test_paired_sign_test_counts_discordant_tokens_and_gives_mcnemars_exact_p(only_a, only_b, both, p):
+def test_paired_sign_test_counts_discordant_trials_and_gives_mcnemars_exact_p(only_a, only_b, both, p):
     neither = 6
     a = torch.tensor([True] * only_a + [False] * only_b + [True] * both + [False] * neither)
     b = torch.tensor([False] * only_a + [True] * only_b + [True] * both + [False] * neither)
     assert paired_sign_test(a, b) == (only_a, only_b, pytest.approx(p))
     assert paired_sign_test(b, a) == (only_b, only_a, pytest.approx(p))
+
+
+def test_per_example_hits_pair_spans_not_tokens(setup):
+    """A held-out span is right when all its tokens are. Two made-up models that differ on the tokens of the same
+    few spans: paired per token, a long span's tokens would count as many trials; paired per span, once each."""
+    cfg, data, model, index = setup
+    counts = [e.span[1] - e.span[0] for e in data.heldout("test")]  # the small world's query_len cuts no span
+    hits = mlm_token_hits(model, data, index, 2, split="test")
+    assert sum(counts) == len(hits) and max(counts) >= 2
+    spans = per_example(data, hits, split="test")
+    assert spans.shape == (len(data.heldout("test")),)
+    pieces = torch.split(hits, counts)
+    assert spans.tolist() == [bool(p.all()) for p in pieces]
+    round_trip = per_example(data, per_token(data, spans.tolist(), split="test"), split="test")
+    assert round_trip.tolist() == spans.tolist()
+
+    # a gets every token of the three longest spans right and b none of them; elsewhere they agree (all wrong).
+    longest = sorted(range(len(counts)), key=lambda i: -counts[i])[:3]
+    a = per_token(data, [i in longest for i in range(len(counts))], split="test")
+    b = torch.zeros_like(a)
+    assert paired_sign_test(a, b)[:2] == (sum(counts[i] for i in longest), 0)  # tokens: many "independent" wins
+    by_span = per_example(data, a, split="test"), per_example(data, b, split="test")
+    assert paired_sign_test(*by_span) == (3, 0, pytest.approx(2 / 2 ** 3))
+    # One token of a span wrong makes the whole span wrong.
+    first = sum(counts[:longest[0]])
+    a[first] = False
+    assert per_example(data, a, split="test").sum() == 2
+    with pytest.raises(ValueError, match="token hits for"):
+        per_example(data, hits[:-1], split="test")

@@ -6,14 +6,15 @@ import torch
 from safetensors.torch import load_file
 from transformers import BertForMaskedLM, BertModel, BertTokenizerFast
 
-from realm_hpc.cli import _load_checkpoint_dir, main
+from realm_hpc.cli import main
+from realm_hpc.runs import load_checkpoint_dir
 from realm_hpc.export import COPY_HEAD_FILE
 
 
 def test_export_round_trip_through_plain_transformers(tiny_run, tmp_path):
     out = tmp_path / "export"
     main(["export", "--run", str(tiny_run), "--out", str(out)])
-    cfg, tokenizer, model = _load_checkpoint_dir(str(tiny_run / "checkpoint"))
+    cfg, tokenizer, model = load_checkpoint_dir(str(tiny_run / "checkpoint"))
     meta = json.loads((out / "realm_export.json").read_text())
     assert meta["pooling"] == cfg.model.pooling and meta["proj_dim"] == cfg.model.proj_dim
 

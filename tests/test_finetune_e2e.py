@@ -32,11 +32,26 @@ def pretrained(tmp_path_factory):
     return out
 
 
+# What the `finetuned` run scored, in call order, beside the end of its open-book and closed-book training.
+EVENTS: list[tuple[str, tuple[str, ...]]] = []
+
+
 @pytest.fixture(scope="module")
 def finetuned(pretrained, tmp_path_factory):
+    from realm_hpc import finetune
+
     out = tmp_path_factory.mktemp("qa") / "ft"
     t0 = time.perf_counter()
-    main(["finetune", "--recipe", "qa-tiny", "--pretrained", str(pretrained), "--out", str(out)])
+    with pytest.MonkeyPatch.context() as mp:
+        for name in ("evaluate_open_book", "evaluate_closed_book"):
+            real = getattr(finetune, name)
+            mp.setattr(finetune, name, lambda model, ctx, examples, *a, _real=real, _n=name, **kw: EVENTS.append(
+                (_n, tuple(e.question for e in examples))) or _real(model, ctx, examples, *a, **kw))
+        for name in ("train", "train_closed_book"):
+            real = getattr(finetune.Finetuner, name)
+            mp.setattr(finetune.Finetuner, name, lambda self, *a, _real=real, _n=name, **kw:
+                       (_real(self, *a, **kw), EVENTS.append((f"{_n} done", ())))[0])
+        main(["finetune", "--recipe", "qa-tiny", "--pretrained", str(pretrained), "--out", str(out)])
     summary = json.loads((out / "summary.json").read_text())
     print(f"\nqa-tiny fine-tune: {time.perf_counter() - t0:.1f} s; dev EM {summary['dev_em']:.3f} "
           f"(closed-book {summary['dev_em_closed_book']:.3f}), recall@5 {summary['dev_recall_at_5']:.3f}")
@@ -53,6 +68,22 @@ def test_dev_em_rises_above_the_closed_book_baseline(finetuned):
     assert evals[-1]["dev_em"] > evals[0]["dev_em"], evals  # EM rises with fine-tuning
     losses = [r["loss"] for r in read_metrics(out) if "loss" in r]
     assert len(losses) == 10 and losses[-1] < losses[0]
+
+
+def test_test_questions_are_scored_after_training_only(finetuned):
+    """Nothing the fine-tune decides can see test: dev is scored along the way, test once per model, after that
+    model's training is over."""
+    out, _ = finetuned
+    test = tuple(e.question for e in read_qa(out / "qa" / "test.jsonl"))
+    dev = tuple(e.question for e in read_qa(out / "qa" / "dev.jsonl"))
+    names = [name for name, _ in EVENTS]
+    trained, cb_trained = names.index("train done"), names.index("train_closed_book done")
+    on_test = [(i, name) for i, (name, questions) in enumerate(EVENTS) if set(questions) & set(test)]
+    assert [name for _, name in on_test] == ["evaluate_open_book", "evaluate_closed_book"], names
+    assert trained < on_test[0][0] and cb_trained < on_test[1][0]
+    assert all(EVENTS[i][1] == test for i, _ in on_test)
+    # Dev, by contrast, is scored during training (steps 50 and 100 of qa-tiny), then at the end.
+    assert sum(1 for name, questions in EVENTS[:trained] if set(questions) <= set(dev)) == 2
 
 
 def test_generated_questions_and_predictions(finetuned):
@@ -74,12 +105,12 @@ def test_generated_questions_and_predictions(finetuned):
 
 def test_candidate_spans_cover_the_answer_on_the_subject_page(pretrained, finetuned):
     """The subject's own page states every fact about it: its candidate spans must contain the answer, and every
-    candidate's normalised text must be what its tokens decode to."""
-    from realm_hpc.cli import _load_run
+    candidate's normalised text must be that of the passage characters it covers (span_text)."""
+    from realm_hpc.runs import load_run
     from realm_hpc.data.qa_inputs import QAInputs
 
     out, _ = finetuned
-    cfg, data, _ = _load_run(str(pretrained))
+    cfg, data, _ = load_run(str(pretrained))
     inputs = QAInputs(data.tokenizer, data.blocks, cfg.model.reader_len, cfg.model.query_len, max_span_len=5)
     page = {data.blocks.title(i): i for i in range(len(data.blocks))}
     questions = read_qa(out / "qa" / "dev.jsonl")[:40]
@@ -90,7 +121,7 @@ def test_candidate_spans_cover_the_answer_on_the_subject_page(pretrained, finetu
     spans = inputs.block_spans(page[subject])
     assert len(spans.norm) > 0 and ((spans.ends - spans.starts) < 5).all() and (spans.ends >= spans.starts).all()
     for a, z, norm in zip(spans.starts, spans.ends, spans.norm):
-        assert normalize_answer(inputs.decode(page[subject], int(a), int(z))) == norm
+        assert normalize_answer(inputs.span_text(page[subject], int(a), int(z))) == norm
 
 
 def test_evaluate_qa_on_a_dpr_csv(finetuned, tmp_path, capsys):
@@ -204,3 +235,34 @@ def test_swapped_corpus(pretrained, tmp_path, capsys):
         main(["finetune", "--recipe", "qa-tiny", "--pretrained", str(pretrained), "--out", str(tmp_path / "ft2"),
               "--set", f"qa.corpus={bad}"])
     assert exit_.value.code == 2 and f"{bad}:2: " in capsys.readouterr().err
+
+
+def test_the_summary_counts_the_usable_training_questions(finetuned):
+    _, summary = finetuned
+    assert 0 < summary["train_questions_usable"] <= summary["train_questions"]
+
+
+def test_no_usable_training_question_is_refused_and_says_how_many(pretrained, tmp_path, capsys):
+    """Questions whose answers no retrieved block holds 'trained' with loss 0.0 and reported success."""
+    qa = tmp_path / "nowhere.qa.csv"
+    qa.write_text("Who discovered polonium?\t['Marie Skłodowska-Curie']\n"
+                  "In which year did the Berlin Wall fall?\t['1989']\n"
+                  "What is the capital of Burkina Faso?\t['Ouagadougou']\n", encoding="utf-8")
+    with pytest.raises(SystemExit) as exit_:
+        main(["finetune", "--recipe", "qa-tiny", "--pretrained", str(pretrained), "--out", str(tmp_path / "ft"),
+              "--set", f"qa.train={qa}"])
+    err = capsys.readouterr().err.strip().splitlines()[-1]  # after the index build's progress bar
+    assert exit_.value.code == 2
+    assert err.startswith("error: qa.train: none of the 3 training questions has a gold answer span in its top-5")
+    assert not (tmp_path / "ft").exists()  # a start that fails on its input leaves --out as it found it
+
+
+def test_a_second_fine_tune_into_a_finished_out_is_refused(pretrained, finetuned, capsys):
+    out, _ = finetuned
+    before = {p: p.read_bytes() for p in sorted(out.rglob("*")) if p.is_file()}
+    with pytest.raises(SystemExit) as exit_:
+        main(["finetune", "--recipe", "qa-tiny", "--pretrained", str(pretrained), "--out", str(out),
+              "--set", "qa.seed=7"])
+    err = capsys.readouterr().err.strip()
+    assert exit_.value.code == 2 and f"--out {out} holds a run" in err and "--overwrite" in err
+    assert {p: p.read_bytes() for p in sorted(out.rglob("*")) if p.is_file()} == before

@@ -19,14 +19,21 @@ ARGS = ["--steps", str(STEPS), "--set", f"refresh.every={REFRESH_EVERY}", "--set
         "--set", f"train.log_every={LOG_EVERY}", "--set", "train.eval_every=1000",
         "--set", "train.checkpoint_every=1000", "--set", "eval.closed_book_baseline=true"]
 
-SUMMARY_KEYS = {"recipe", "steps", "corpus_docs", "k", "recall_at_8_start", "recall_at_8_after_ict", "recall_at_8",
-                "chance_recall_at_8", "span_in_top_8_start", "span_in_top_8", "mlm_acc_retrieval",
-                "mlm_acc_closed_book", "ict_steps", "index_versions",
-                "max_staleness_steps", "trainer_wait_s", "refresh_mode", "eval_examples", "wall_s",
-                "trainer_wait_share", "eval_examples_with_gold", "mlm_eval_tokens", "mlm_only_retrieval_right",
-                "mlm_only_closed_book_right", "mlm_vs_closed_book_p", "mlm_acc_retrieval_span_in_top_8",
-                "mlm_acc_retrieval_span_not_in_top_8", "mlm_acc_closed_book_span_in_top_8",
-                "mlm_acc_closed_book_span_not_in_top_8", "mlm_tokens_span_in_top_8"}
+SUMMARY_KEYS = {"recipe", "steps", "corpus_docs", "k", "ict_steps", "index_versions", "max_staleness_steps",
+                "mean_staleness_steps", "trainer_wait_s", "realm_steps_per_s", "realm_loop_s", "refresh_mode", "wall_s",
+                "trainer_wait_share",
+                # dev: what the run looked at along the way (ICT's early stopping, mid-run evaluations)
+                "dev_recall_at_8_start", "dev_recall_at_8_after_ict", "dev_recall_at_8", "dev_mlm_acc_retrieval",
+                "dev_examples", "dev_examples_with_gold",
+                # test: read at the start and the end only
+                "test_recall_at_8_start", "test_recall_at_8", "test_chance_recall_at_8", "test_span_in_top_8_start",
+                "test_span_in_top_8", "test_mlm_acc_retrieval", "test_mlm_acc_closed_book", "test_examples",
+                "test_examples_with_gold", "test_mlm_eval_tokens", "test_mlm_eval_spans",
+                "test_mlm_span_acc_retrieval", "test_mlm_span_acc_closed_book", "test_mlm_spans_only_retrieval_right",
+                "test_mlm_spans_only_closed_book_right", "test_mlm_vs_closed_book_p_paired_spans",
+                "test_mlm_acc_retrieval_span_in_top_8", "test_mlm_acc_retrieval_span_not_in_top_8",
+                "test_mlm_acc_closed_book_span_in_top_8", "test_mlm_acc_closed_book_span_not_in_top_8",
+                "test_mlm_tokens_span_in_top_8"}
 ROW_KEYS = {"step", "phase", "loss", "lr", "index_version", "staleness", "wait_s"}
 
 
@@ -37,9 +44,9 @@ def run(tmp_path_factory):
     main(["pretrain", "--recipe", "tiny", "--out", str(out), *ARGS])
     wall = time.perf_counter() - t0
     summary = json.loads((out / "summary.json").read_text())
-    print(f"\ntiny pretrain ({STEPS} REALM steps): {wall:.1f} s wall; recall@8 {summary['recall_at_8']:.3f} "
-          f"(start {summary['recall_at_8_start']:.3f}, after ICT {summary['recall_at_8_after_ict']:.3f}, "
-          f"chance {summary['chance_recall_at_8']:.4f}), mlm_acc {summary['mlm_acc_retrieval']:.3f}")
+    print(f"\ntiny pretrain ({STEPS} REALM steps): {wall:.1f} s wall; test recall@8 {summary['test_recall_at_8']:.3f} "
+          f"(start {summary['test_recall_at_8_start']:.3f}, chance {summary['test_chance_recall_at_8']:.4f}; dev after "
+          f"ICT {summary['dev_recall_at_8_after_ict']:.3f}), test mlm_acc {summary['test_mlm_acc_retrieval']:.3f}")
     return out
 
 
@@ -59,30 +66,35 @@ def test_summary_has_the_documented_keys(summary):
     assert set(summary) == SUMMARY_KEYS
     assert summary["recipe"] == "tiny" and summary["steps"] == STEPS and summary["k"] == 8
     assert summary["refresh_mode"] == "inline"
-    assert summary["eval_examples"] > 0 and summary["corpus_docs"] > summary["eval_examples"]
-    assert 0 < summary["eval_examples_with_gold"] <= summary["eval_examples"]
-    assert 0.0 <= summary["mlm_acc_retrieval"] <= 1.0 and 0.0 <= summary["mlm_acc_closed_book"] <= 1.0
-    # Paired counts on the same tokens: the accuracies differ by exactly the discordant tokens.
-    n = summary["mlm_eval_tokens"]
-    gap = (summary["mlm_only_retrieval_right"] - summary["mlm_only_closed_book_right"]) / n
-    assert summary["mlm_acc_retrieval"] - summary["mlm_acc_closed_book"] == pytest.approx(gap, abs=1e-9)
-    assert 0.0 < summary["mlm_vs_closed_book_p"] <= 1.0
+    for split in ("dev", "test"):
+        assert summary[f"{split}_examples"] > 0 and summary["corpus_docs"] > summary[f"{split}_examples"]
+        assert 0 < summary[f"{split}_examples_with_gold"] <= summary[f"{split}_examples"]
+        assert 0.0 <= summary[f"{split}_mlm_acc_retrieval"] <= 1.0
+    assert 0.0 <= summary["test_mlm_acc_closed_book"] <= 1.0
+    # Paired counts on the same held-out spans: the span accuracies differ by exactly the discordant spans.
+    n, n_spans = summary["test_mlm_eval_tokens"], summary["test_mlm_eval_spans"]
+    assert 0 < n_spans == summary["test_examples"] <= n
+    gap = (summary["test_mlm_spans_only_retrieval_right"] - summary["test_mlm_spans_only_closed_book_right"]) / n_spans
+    assert summary["test_mlm_span_acc_retrieval"] - summary["test_mlm_span_acc_closed_book"] == pytest.approx(gap,
+                                                                                                          abs=1e-9)
+    assert 0.0 < summary["test_mlm_vs_closed_book_p_paired_spans"] <= 1.0
     # The split by whether a final top-8 doc holds the span recombines into each model's accuracy.
-    n_in = summary["mlm_tokens_span_in_top_8"]
+    n_in = summary["test_mlm_tokens_span_in_top_8"]
     assert 0 < n_in < n
     for who in ("retrieval", "closed_book"):
-        split = (summary[f"mlm_acc_{who}_span_in_top_8"] * n_in
-                 + summary[f"mlm_acc_{who}_span_not_in_top_8"] * (n - n_in)) / n
-        assert split == pytest.approx(summary[f"mlm_acc_{who}"], abs=1e-6)
+        split = (summary[f"test_mlm_acc_{who}_span_in_top_8"] * n_in
+                 + summary[f"test_mlm_acc_{who}_span_not_in_top_8"] * (n - n_in)) / n
+        assert split == pytest.approx(summary[f"test_mlm_acc_{who}"], abs=1e-6)
     assert 0.0 <= summary["trainer_wait_share"] <= 1.0
     assert summary["max_staleness_steps"] <= REFRESH_EVERY
 
 
 def test_retriever_learns(summary):
-    chance = summary["chance_recall_at_8"]
+    chance = summary["test_chance_recall_at_8"]
     assert 0 < chance < 0.05
-    assert summary["recall_at_8"] >= 5 * chance, summary
-    assert summary["recall_at_8"] > summary["recall_at_8_start"], summary
+    assert summary["test_recall_at_8"] >= 5 * chance, summary
+    assert summary["test_recall_at_8"] > summary["test_recall_at_8_start"], summary
+    assert summary["dev_recall_at_8"] > summary["dev_recall_at_8_start"], summary
 
 
 def test_index_is_refreshed(summary):
@@ -105,21 +117,26 @@ def test_metrics_rows(run, summary):
     assert versions == sorted(versions) and versions[0] == 1 and versions[-1] == summary["index_versions"]
     refreshes = [r["step"] for r in rows if r.get("event") == "refresh"]
     assert refreshes == [summary["ict_steps"] + s for s in range(REFRESH_EVERY, STEPS, REFRESH_EVERY)]
-    assert any(r.get("phase") == "ict" and "recall_at_k" in r for r in rows)
+    assert any(r.get("phase") == "ict" and "dev_recall_at_k" in r for r in rows)
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="train.device=auto is a GPU here: tests/test_cuda_e2e.py")
 def test_device_cpu_gives_the_default_losses(run, tmp_path):
-    """Without CUDA, train.device=auto is the CPU: an explicit train.device=cpu run is the same run, bit for bit."""
+    """Without CUDA, train.device=auto is the CPU: an explicit train.device=cpu run is the same run, bit for bit, also
+    with train.deterministic=true (deterministic algorithms on: nothing this run does on the CPU lacks one)."""
     out = tmp_path / "cpu"
-    main(["pretrain", "--recipe", "tiny", "--out", str(out), *ARGS, "--set", "train.device=cpu",
-          "--set", "eval.closed_book_baseline=false"])
+    try:
+        main(["pretrain", "--recipe", "tiny", "--out", str(out), *ARGS, "--set", "train.device=cpu",
+              "--set", "eval.closed_book_baseline=false", "--set", "train.deterministic=true"])
+        assert torch.are_deterministic_algorithms_enabled()  # the launch set it (and left it for this process)
+    finally:
+        torch.use_deterministic_algorithms(False)
     default, cpu = read_metrics(run), read_metrics(out)
     losses = [r["loss"] for r in default if "loss" in r]
     assert losses and [r["loss"] for r in cpu if "loss" in r] == losses
     assert [r.get("ict_loss") for r in cpu] == [r.get("ict_loss") for r in default]
     summary = json.loads((out / "summary.json").read_text())
-    assert summary["recall_at_8"] == json.loads((run / "summary.json").read_text())["recall_at_8"]
+    assert summary["test_recall_at_8"] == json.loads((run / "summary.json").read_text())["test_recall_at_8"]
 
 
 def test_run_files(run):
@@ -132,31 +149,29 @@ def test_run_files(run):
 def test_evaluate_reproduces_the_summary(run, summary, capsys):
     main(["evaluate", "--run", str(run)])
     result = json.loads((run / "eval.json").read_text())
-    assert result["recall_at_8"] == pytest.approx(summary["recall_at_8"], abs=1e-9)
-    assert result["mlm_acc_retrieval"] == pytest.approx(summary["mlm_acc_retrieval"], abs=1e-9)
-    assert result["chance_recall_at_8"] == pytest.approx(summary["chance_recall_at_8"])
-    assert result["span_in_top_8"] == pytest.approx(summary["span_in_top_8"], abs=1e-9)
-    assert result["eval_examples"] == summary["eval_examples"]
-    assert "recall_at_8" in capsys.readouterr().out
+    for key in ("test_recall_at_8", "test_mlm_acc_retrieval", "test_chance_recall_at_8", "test_span_in_top_8",
+                "test_examples", "dev_recall_at_8", "dev_mlm_acc_retrieval", "dev_examples"):
+        assert result[key] == pytest.approx(summary[key], abs=1e-9), key
+    assert "test_recall_at_8" in capsys.readouterr().out
 
 
 def test_build_index_matches_the_run_doc_encoder(run, summary, index_dir):
-    from realm_hpc.cli import _load_run
+    from realm_hpc.runs import load_run
     from realm_hpc.retrieval.index import encode_blocks
 
     meta = json.loads((index_dir / "meta.json").read_text())
     emb = np.load(index_dir / "embeddings.npy")
     assert emb.shape == (summary["corpus_docs"], meta["dim"]) == (meta["count"], meta["dim"])
     assert emb.dtype == np.float32
-    cfg, data, model = _load_run(str(run))
+    cfg, data, model = load_run(str(run))
     expected = encode_blocks(model.retriever.doc, data.blocks, cfg.refresh.batch_size).numpy()
     np.testing.assert_allclose(emb, expected, atol=1e-5)
 
 
 def test_retrieve_ranks_like_the_run_query_encoder(run, index_dir, capsys):
-    from realm_hpc.cli import _load_run
+    from realm_hpc.runs import load_run
 
-    cfg, data, model = _load_run(str(run))
+    cfg, data, model = load_run(str(run))
     question = data.train.text[0]
     capsys.readouterr()
     main(["retrieve", "--index", str(index_dir), "--k", "5", question])
@@ -224,10 +239,12 @@ def test_pca_start_index_and_a_retriever_realm_never_trains(tmp_path, monkeypatc
     main(["pretrain", "--recipe", "tiny", "--out", str(out), "--steps", "6"] + [x for s in sets for x in ("--set", s)])
     summary = json.loads((out / "summary.json").read_text())
     assert encodes == []  # neither a random-projection start index nor a final re-encode
-    assert summary["recall_at_8"] == summary["recall_at_8_start"]
-    evals = [r for r in read_metrics(out) if "mlm_acc" in r]  # the run's end is evaluated once, on the final index
+    assert summary["test_recall_at_8"] == summary["test_recall_at_8_start"]
+    assert summary["dev_recall_at_8"] == summary["dev_recall_at_8_start"]
+    evals = [r for r in read_metrics(out) if "test_mlm_acc" in r]  # the run's end is evaluated once, on the final index
     assert len(evals) == 1 and evals[0]["index_version"] == 1 and evals[0]["step"] == 6
-    assert (evals[0]["recall_at_k"], evals[0]["mlm_acc"]) == (summary["recall_at_8"], summary["mlm_acc_retrieval"])
+    assert (evals[0]["test_recall_at_k"], evals[0]["test_mlm_acc"]) == (summary["test_recall_at_8"],
+                                                                        summary["test_mlm_acc_retrieval"])
     ckpt = load_checkpoint(out / "checkpoint")
     cfg = apply_overrides(get_recipe("tiny"), sets)
     model = Realm(cfg, PretrainData(cfg, out).vocab_size)

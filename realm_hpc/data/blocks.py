@@ -7,7 +7,10 @@ Layout of a store directory (all arrays are `.npy`, opened with `mmap_mode="r"`)
     title_len.npy       int32 [N]     title tokens in block i (without [CLS]/[SEP]); the text starts after them
     titles.npy          uint8 [*]     UTF-8 titles back to back, cut by titles_offsets.npy  int64 [N+1]
     doc_ids.npy         uint8 [*]     UTF-8 ids back to back, cut by doc_ids_offsets.npy    int64 [N+1]
-    meta.json           format, version, count, num_tokens, max_len, vocab_size, tokenizer, special ids
+    texts.npy           uint8 [*]     UTF-8 text each block covers (up to its last kept token), cut by texts_offsets.npy
+    token_chars.npy     int32 [T, 2]  each token's [start, end) characters in its own title or text; (0, 0) for
+                                      [CLS]/[SEP]. Open-QA reads answers in the passage's own characters through it
+    meta.json           format, version, count, num_tokens, max_len, vocab_size, tokenizer, special ids, docs_cut
 
 Segment ids are not stored: `[CLS] title [SEP]` is segment 0 and `text [SEP]` segment 1 (BERT's sentence-pair
 convention, as in HF's REALM embedder); they follow from title_len; `batch(..., token_type_ids=True)` adds them.
@@ -26,31 +29,33 @@ import torch
 
 from realm_hpc.data.corpus import Doc, atomic_dir
 
-FORMAT, VERSION = "realm-hpc-blocks", 1
+FORMAT, VERSION = "realm-hpc-blocks", 2  # v2 added texts and token_chars; v1 stores still open
 
 
 class _NpyAppender:
-    """A 1-D `.npy` file written chunk by chunk, so a build never holds all tokens in memory.
+    """A `.npy` file of rows written chunk by chunk, so a build never holds all tokens in memory (1-D, or rows of
+    `width` values).
 
     numpy pads every header so that the first axis can grow to 21 digits in place; we write the header for
     length 0, append raw data, and rewrite the header with the final length over the same bytes.
     """
 
-    def __init__(self, path: Path, dtype):
-        self.dtype, self.size = np.dtype(dtype), 0
+    def __init__(self, path: Path, dtype, width: int | None = None):
+        self.dtype, self.size, self.width = np.dtype(dtype), 0, width
         self._f = open(path, "wb")
         self._header_len = self._write_header()
 
     def _write_header(self) -> int:
         self._f.seek(0)
-        header = {"descr": self.dtype.str, "fortran_order": False, "shape": (self.size,)}
+        shape = (self.size,) if self.width is None else (self.size, self.width)
+        header = {"descr": self.dtype.str, "fortran_order": False, "shape": shape}
         np.lib.format.write_array_header_1_0(self._f, header)
         return self._f.tell()
 
     def append(self, values) -> None:
         a = np.ascontiguousarray(values, dtype=self.dtype)
         self._f.write(a.tobytes())
-        self.size += a.size
+        self.size += a.size // (self.width or 1)
 
     def __enter__(self) -> _NpyAppender:
         return self
@@ -87,20 +92,56 @@ class _StringsAppender:
             self.offsets.__exit__(*exc)
 
 
-def _encode_chunk(docs: Sequence[Doc], tokenizer, max_len: int) -> tuple[list[list[int]], list[int]]:
-    def ids(strings: list[str]) -> list[list[int]]:
-        # Truncating in the tokenizer keeps a long passage from becoming a long Python list only to be cut.
-        return tokenizer(strings, add_special_tokens=False, truncation=True, max_length=max_len - 3,
-                         return_attention_mask=False, return_token_type_ids=False)["input_ids"]
+# A block of max_len tokens never needs more than this many characters per token of a document's text (English
+# runs ~4.5 per WordPiece token): the tokenizer reads a whole string even when it truncates, so a multi-megabyte
+# document took ~20 s to yield its first 288 tokens.
+CHARS_PER_TOKEN = 32
+
+
+def max_chars(max_len: int) -> int:
+    """The characters of a text that a block of max_len tokens can hold, with a wide margin."""
+    return max_len * CHARS_PER_TOKEN
+
+
+def _encode_chunk(docs: Sequence[Doc], tokenizer, max_len: int):
+    """Token rows `[CLS] title [SEP] text [SEP]`, title lengths, each token's characters in its title or text, the
+    text each block covers, and how many texts did not fit their block and were cut."""
+    def enc(strings: list[str]):
+        # Only the first max_chars of a text can reach a block; one token past the room tells a text that was cut
+        # from one that just fits.
+        out = tokenizer([t[:max_chars(max_len)] for t in strings], add_special_tokens=False, truncation=True,
+                        max_length=max_len - 2, return_attention_mask=False, return_token_type_ids=False,
+                        return_offsets_mapping=True)
+        return zip(out["input_ids"], out["offset_mapping"])
 
     cls_id, sep_id = tokenizer.cls_token_id, tokenizer.sep_token_id
-    rows, title_lens = [], []
-    for title, text in zip(ids([d.title for d in docs]), ids([d.text for d in docs])):
+    rows, title_lens, chars, texts, cut = [], [], [], [], 0
+    for d, (title, title_chars), (text, text_chars) in zip(docs, enc([d.title for d in docs]),
+                                                           enc([d.text for d in docs])):
         # The title is kept whole unless it alone overflows: it is what tells blocks of one article apart.
+        title, title_chars = title[:max_len - 3], title_chars[:max_len - 3]
         room = max_len - 3 - len(title)
-        rows.append([cls_id, *title, sep_id, *text[:room], sep_id])
+        cut += len(text) > room
+        text, text_chars = text[:room], text_chars[:room]
+        rows.append([cls_id, *title, sep_id, *text, sep_id])
         title_lens.append(len(title))
-    return rows, title_lens
+        chars.append([(0, 0), *title_chars, (0, 0), *text_chars, (0, 0)])
+        texts.append(d.text[:text_chars[-1][1]] if text_chars else "")
+    return rows, title_lens, chars, texts, cut
+
+
+def cut_long_docs(docs: list[Doc], max_len: int) -> tuple[list[Doc], list[tuple[str, int]]]:
+    """Documents whose text is longer than a block of max_len tokens could ever hold (`max_chars`) cut there, at a
+    space: a block keeps only a document's first tokens, and the rest would still be tokenized, split into
+    sentences and trained on as queries whose source block does not hold them. Returns (docs, [(id, chars)] cut)."""
+    limit, out, cut = max_chars(max_len), [], []
+    for d in docs:
+        if len(d.text) > limit:
+            cut.append((d.id, len(d.text)))
+            at = d.text.rfind(" ", 0, limit + 1)
+            d = Doc(d.id, d.title, d.text[:at if at > 0 else limit])
+        out.append(d)
+    return out, cut
 
 
 class BlockStore:
@@ -112,8 +153,8 @@ class BlockStore:
             raise FileNotFoundError(f"no block store at {path} (missing meta.json)")
         self.path = path
         self.meta = json.loads((path / "meta.json").read_text(encoding="utf-8"))
-        if (self.meta.get("format"), self.meta.get("version")) != (FORMAT, VERSION):
-            raise ValueError(f"{path}: not a {FORMAT} v{VERSION} store (meta.json says "
+        if self.meta.get("format") != FORMAT or self.meta.get("version") not in (1, VERSION):
+            raise ValueError(f"{path}: not a {FORMAT} v1/v{VERSION} store (meta.json says "
                              f"{self.meta.get('format')!r} v{self.meta.get('version')!r})")
 
         def load(name: str) -> np.ndarray:
@@ -122,6 +163,9 @@ class BlockStore:
         self._tokens, self._offsets, self._title_len = load("tokens"), load("offsets"), load("title_len")
         self._titles, self._title_offsets = load("titles"), load("titles_offsets")
         self._ids, self._id_offsets = load("doc_ids"), load("doc_ids_offsets")
+        if self.meta["version"] >= 2:
+            self._texts, self._text_offsets = load("texts"), load("texts_offsets")
+            self._token_chars = load("token_chars")
         self._index_of: dict[str, int] | None = None
         if len(self._offsets) != self.meta["count"] + 1 or len(self._tokens) != self._offsets[-1]:
             raise ValueError(f"{path}: arrays disagree with meta.json count={self.meta['count']}")
@@ -139,12 +183,15 @@ class BlockStore:
         if tokenizer.cls_token_id is None or tokenizer.sep_token_id is None:
             raise ValueError("tokenizer has no [CLS]/[SEP] token")
         seen: set[str] = set()
+        cut = 0
         with atomic_dir(out_dir) as tmp:
             with (_NpyAppender(tmp / "tokens.npy", np.int32) as tokens,
                   _NpyAppender(tmp / "offsets.npy", np.int64) as offsets,
                   _NpyAppender(tmp / "title_len.npy", np.int32) as title_len,
                   _StringsAppender(tmp, "titles") as titles,
-                  _StringsAppender(tmp, "doc_ids") as doc_ids):
+                  _StringsAppender(tmp, "doc_ids") as doc_ids,
+                  _StringsAppender(tmp, "texts") as texts,
+                  _NpyAppender(tmp / "token_chars.npy", np.int32, width=2) as token_chars):
                 offsets.append([0])
                 for start in range(0, len(docs), batch_size):
                     chunk = docs[start:start + batch_size]
@@ -152,18 +199,22 @@ class BlockStore:
                         if d.id in seen:
                             raise ValueError(f"duplicate doc id {d.id!r}: index_of() would be ambiguous")
                         seen.add(d.id)
-                    rows, title_lens = _encode_chunk(chunk, tokenizer, max_len)
+                    rows, title_lens, chars, covered, chunk_cut = _encode_chunk(chunk, tokenizer, max_len)
+                    cut += chunk_cut
                     lens = np.array([len(r) for r in rows], dtype=np.int64)
                     offsets.append(tokens.size + np.cumsum(lens))
                     tokens.append(np.fromiter(itertools.chain.from_iterable(rows), np.int32, int(lens.sum())))
                     title_len.append(title_lens)
+                    token_chars.append(np.asarray(list(itertools.chain.from_iterable(chars)), np.int32).reshape(-1, 2))
+                    texts.append(covered)
                     titles.append([d.title for d in chunk])
                     doc_ids.append([d.id for d in chunk])
             meta = {"format": FORMAT, "version": VERSION, "count": len(docs), "num_tokens": tokens.size,
                     "max_len": max_len, "vocab_size": len(tokenizer),
                     "tokenizer": str(getattr(tokenizer, "name_or_path", "")),
                     "cls_id": tokenizer.cls_token_id, "sep_id": tokenizer.sep_token_id,
-                    "pad_id": tokenizer.pad_token_id}
+                    "pad_id": tokenizer.pad_token_id,
+                    "docs_cut": cut}  # documents whose text went past max_len: the rest is in no block
             (tmp / "meta.json").write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
         return cls.open(out_dir)
 
@@ -186,6 +237,29 @@ class BlockStore:
         """The text part of block i: after the title's [SEP], without the final [SEP]."""
         i = self._check(i)
         return self._tokens[self._offsets[i] + 2 + self._title_len[i]:self._offsets[i + 1] - 1]
+
+    def title_len(self, i: int) -> int:
+        """Title tokens in block i: they sit at positions 1..title_len, the text from title_len + 2."""
+        return int(self._title_len[self._check(i)])
+
+    def _v2(self, what: str) -> None:
+        if self.meta["version"] < 2:
+            raise ValueError(f"{self.path}: a v1 block store has no {what}; rebuild it (delete the directory and "
+                             f"rerun the command that built it)")
+
+    def text(self, i: int) -> str:
+        """The text block i covers: the document's text up to its last kept token (a long passage is cut)."""
+        self._v2("passage text")
+        i = self._check(i)
+        return self._texts[self._text_offsets[i]:self._text_offsets[i + 1]].tobytes().decode("utf-8")
+
+    def token_chars(self, i: int) -> np.ndarray:
+        """[n, 2] int32: each token's [start, end) characters in `title(i)` (positions 1..title_len) or `text(i)`
+        (after the title's [SEP]); (0, 0) for [CLS]/[SEP]. The tokenizer's offsets: an uncased tokenizer's
+        "cafe" still points at "Café"."""
+        self._v2("token offsets")
+        i = self._check(i)
+        return self._token_chars[self._offsets[i]:self._offsets[i + 1]]
 
     def title(self, i: int) -> str:
         i = self._check(i)

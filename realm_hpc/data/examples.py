@@ -1,24 +1,32 @@
 """From a corpus to training batches: the tokenizer, the block store, masked query sentences and held-out
 evaluation examples. Everything a run needs lives under `run_dir/data/` and is rebuilt only when missing.
+
+Held-out examples come in two splits that share no world fact (embedded world) or source article (a corpus):
+**dev**, which everything a run decides reads (ICT's early stopping, every mid-run evaluation), and **test**, read
+at the start and at the end only, which the summary reports. Every read goes through `PretrainData.heldout(split)`.
 """
 
 from __future__ import annotations
 
 import functools
 import re
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from realm_hpc.config import Config
-from realm_hpc.data.blocks import BlockStore
+from realm_hpc.config import Config, ConfigError
+from realm_hpc.data.blocks import BlockStore, cut_long_docs, max_chars
 from realm_hpc.data.corpus import read_corpus, write_jsonl
-from realm_hpc.data.masking import (TokenizedSentence, char_to_token_span, mask_sentence, salient_spans,
+from realm_hpc.data.masking import (SalientSpans, TokenizedSentence, char_to_token_span, mask_sentence,
                                     tokenize_sentences)
 from realm_hpc.data.tokenizer import load_tokenizer, train_wordpiece
 from realm_hpc.data.world import build_world
+from realm_hpc.dist import print0
+
+SPLITS = ("dev", "test")
 
 # A sentence ends at . ! ? followed by space and a capital, except after an initial ("M. Kessler").
 _SENTENCE_END = re.compile(r"(?<=[.!?])(?<!\b[A-Z]\.)\s+(?=[A-Z0-9\"'(])")
@@ -74,7 +82,7 @@ class PretrainData:
     def __init__(self, cfg: Config, run_dir: Path, build: bool = True):
         self.cfg = cfg
         data_dir = run_dir / "data"
-        docs, sentences, self.heldout_examples_raw = _load_docs(cfg)
+        docs, sentences, heldout_raw, self.salient = _load_docs(cfg)
         if build and not (data_dir / "blocks" / "meta.json").exists():
             data_dir.mkdir(parents=True, exist_ok=True)
             write_jsonl(docs, data_dir / "corpus.jsonl")
@@ -83,7 +91,10 @@ class PretrainData:
             else:
                 texts = [f"{d.title} {d.text}" for d in docs]
                 tokenizer = train_wordpiece(texts, cfg.model.vocab_size, data_dir / "tokenizer")
-            BlockStore.build(docs, tokenizer, data_dir / "blocks", max_len=cfg.model.block_len)
+            cut = BlockStore.build(docs, tokenizer, data_dir / "blocks", max_len=cfg.model.block_len).meta["docs_cut"]
+            if cut:
+                print0(f"note: {cut} of {len(docs)} documents are longer than a block (model.block_len="
+                       f"{cfg.model.block_len} tokens): only their first tokens can be retrieved")
         self.tokenizer = load_tokenizer(cfg.model.pretrained or data_dir / "tokenizer")
         self.blocks = BlockStore.open(data_dir / "blocks")
         self.docs = docs
@@ -93,12 +104,24 @@ class PretrainData:
         q_len = cfg.model.query_len
         texts, doc_idx, spans = zip(*sentences) if sentences else ((), (), ())
         self.train = Sentences(list(texts), np.asarray(doc_idx, np.int64), np.asarray(spans, np.int64).reshape(-1, 2),
-                               tokenize_sentences(self.tokenizer, list(texts), q_len))
-        self.eval = self._eval_examples()
+                               tokenize_sentences(self.tokenizer, list(texts), q_len, self.salient))
+        self._heldout = {split: self._eval_examples(heldout_raw[split]) for split in SPLITS}
+        if cfg.data.dev_examples > 0 and not self._heldout["dev"]:
+            raise ConfigError(f"data.dev_examples={cfg.data.dev_examples}: no held-out example is left for dev (each "
+                              "shares a fact or article with test); raise data.heldout_facts or lower "
+                              "data.eval_examples")
 
-    def _eval_examples(self) -> list[EvalExample]:
-        raw = self.heldout_examples_raw
-        toks = tokenize_sentences(self.tokenizer, [r[0] for r in raw], self.cfg.model.query_len)
+    def heldout(self, split: str) -> list[EvalExample]:
+        """The held-out examples of `split`: "dev" (early stopping, mid-run evaluation, any choice) or "test" (the
+        start and the end of a run only)."""
+        if split not in SPLITS:
+            raise ValueError(f"unknown held-out split {split!r} (expected one of {', '.join(SPLITS)})")
+        return self._heldout[split]
+
+    def _eval_examples(self, raw) -> list[EvalExample]:
+        if not raw:  # data.dev_examples=0 (the tokenizer refuses an empty batch)
+            return []
+        toks = tokenize_sentences(self.tokenizer, [r[0] for r in raw], self.cfg.model.query_len, self.salient)
         out = []
         for (text, (a, b), source, gold), sent in zip(raw, toks):
             span = char_to_token_span(sent.offsets, a, b)
@@ -106,10 +129,11 @@ class PretrainData:
                 out.append(EvalExample(sent, span, source, gold))
         return out
 
-    def chance_recall(self, k: int) -> float:
-        """Expected recall@k of a uniformly random ranking (source excluded)."""
+    def chance_recall(self, k: int, split: str) -> float:
+        """Expected recall@k of a uniformly random ranking (source excluded) on a held-out split."""
         n = len(self.blocks) - 1
-        hits = [1.0 - np.prod([(n - len(e.gold) - i) / (n - i) for i in range(k)]) for e in self.eval if e.gold]
+        hits = [1.0 - np.prod([(n - len(e.gold) - i) / (n - i) for i in range(k)])
+                for e in self.heldout(split) if e.gold]
         return float(np.mean(hits)) if hits else float("nan")
 
     # -- batches ------------------------------------------------------------------------------------------------
@@ -129,9 +153,10 @@ class PretrainData:
     def _epoch_order(self, seed: int, epoch: int) -> np.ndarray:
         return np.random.default_rng((seed, epoch)).permutation(len(self.train.text))
 
-    def eval_batches(self, batch_size: int):
-        for start in range(0, len(self.eval), batch_size):
-            chunk = self.eval[start:start + batch_size]
+    def eval_batches(self, split: str, batch_size: int):
+        examples = self.heldout(split)
+        for start in range(0, len(examples), batch_size):
+            chunk = examples[start:start + batch_size]
             rng = np.random.default_rng(0)
             masked = [mask_sentence(e.sentence, self.mask_id, rng, span=e.span) for e in chunk]
             yield chunk, self._collate(masked, [e.source for e in chunk])
@@ -175,7 +200,9 @@ class PretrainData:
             text = doc.text if rng.random() < keep_prob else (doc.text[:a] + doc.text[b:]).strip()
             titles.append(doc.title)
             bodies.append(text)
-        blocks = self.tokenizer(titles, bodies, truncation="only_second", max_length=b_len, padding=True,
+        # longest_first cuts only the body while it is the longer part (every block of a real corpus), as only_second
+        # would, but also a title that alone overflows a short model.block_len, where only_second raises.
+        blocks = self.tokenizer(titles, bodies, truncation="longest_first", max_length=b_len, padding=True,
                                 return_tensors="pt")
         return queries, blocks
 
@@ -213,22 +240,30 @@ class PretrainData:
 
 
 def _load_docs(cfg: Config):
-    """Docs, candidate sentences (text, doc, span) and held-out examples (text, char span, source, gold)."""
+    """Docs, candidate sentences (text, doc, span), held-out examples (text, char span, source, gold) of each split
+    ({"dev": [...], "test": [...]}) and the salient span finder with the corpus' lexicon."""
     if not cfg.data.corpus:
         d = cfg.data
         world = build_world(people=d.world_people, orgs=d.world_orgs, cities=d.world_cities,
                             surnames=d.world_surnames, alias_rate=d.world_alias_rate,
                             heldout_facts=d.heldout_facts, seed=d.world_seed)
         sentences = [(s.text, s.doc, (s.start, s.start + len(s.text))) for s in world.training_sentences()]
-        heldout = [(e.text, e.span, e.source_doc, e.gold_docs)
-                   for e in world.eval_examples(d.eval_examples, seed=d.world_seed)]
-        return world.docs, sentences, heldout
+        examples = world.eval_examples(None, seed=d.world_seed)
+        # Test is the first eval_examples of the seeded order (the held-out set runs reported before the split);
+        # dev takes the next examples of facts test never asks about.
+        test = examples[:d.eval_examples]
+        asked = {e.fact_id for e in test}
+        dev = [e for e in examples[d.eval_examples:] if e.fact_id not in asked][:d.dev_examples]
+        heldout = {split: [(e.text, e.span, e.source_doc, e.gold_docs) for e in chosen]
+                   for split, chosen in (("dev", dev), ("test", test))}
+        return world.docs, sentences, heldout, SalientSpans.from_texts(d.text for d in world.docs)
     return _corpus_sentences(cfg)
 
 
 def _corpus_sentences(cfg: Config):
     """A plain corpus: every sentence is a candidate query; a seeded share of sentences with a salient span is
-    held out for evaluation.
+    held out for evaluation: the first `data.eval_examples` for test, then up to `data.dev_examples` for dev from
+    articles that gave test none (a test article's later sentences stay training sentences).
 
     Gold documents for recall@k: a plain corpus states no facts, so we use its titles. When a held-out sentence
     has a salient span that is exactly the title of another document (Wikipedia: "... directed by Stanley
@@ -236,24 +271,38 @@ def _corpus_sentences(cfg: Config):
     gold: retrieval must find the article about the masked entity among the corpus, with the source excluded as
     in training. Sentences without such a span mask a random salient span and count for MLM accuracy only.
     """
-    docs = read_corpus(cfg.data.corpus)
+    docs, cut = cut_long_docs(read_corpus(cfg.data.corpus), cfg.model.block_len)
+    if cut:
+        doc_id, chars = max(cut, key=lambda c: c[1])
+        print0(f"warning: data.corpus: {len(cut)} document(s) cut to their first {max_chars(cfg.model.block_len):,} "
+               f"characters (the longest: id {doc_id!r}, {chars:,}): a block holds a document's first "
+               f"model.block_len={cfg.model.block_len} tokens and the rest is never retrieved; split long documents "
+               "into passages first (DPR: 100 words)", file=sys.stderr)
+    finder = SalientSpans.from_texts(d.text for d in docs)
     by_title: dict[str, int] = {}
     for i, doc in enumerate(docs):
         by_title.setdefault(doc.title, i)
     rng = np.random.default_rng(cfg.data.world_seed)
-    sentences, heldout = [], []
+    sentences, test, dev, test_docs = [], [], [], set()
+    n_test, n_dev = cfg.data.eval_examples, cfg.data.dev_examples
     for i, doc in enumerate(docs):
         for a, b in split_sentences(doc.text):
             text = doc.text[a:b]
-            spans = salient_spans(text)
-            if spans and len(heldout) < cfg.data.eval_examples and rng.random() < 0.05:
+            spans = finder(text)
+            wanted = len(test) < n_test or (len(dev) < n_dev and i not in test_docs)
+            if spans and wanted and rng.random() < 0.05:
                 titled = [(s, by_title[text[s[0]:s[1]]]) for s in spans
                           if by_title.get(text[s[0]:s[1]], i) != i]
                 if titled:
                     span, gold = titled[rng.integers(len(titled))]
-                    heldout.append((text, span, i, [gold]))
+                    example = (text, span, i, [gold])
                 else:
-                    heldout.append((text, spans[rng.integers(len(spans))], i, []))
+                    example = (text, spans[rng.integers(len(spans))], i, [])
+                if len(test) < n_test:
+                    test.append(example)
+                    test_docs.add(i)
+                else:
+                    dev.append(example)
             else:
                 sentences.append((text, i, (a, b)))
-    return docs, sentences, heldout
+    return docs, sentences, {"dev": dev, "test": test}, finder

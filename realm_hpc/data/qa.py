@@ -28,6 +28,7 @@ class QAExample:
     question: str
     answers: tuple[str, ...]
     fact_id: int = -1  # the world fact it asks about (-1 for a file that is not from the world)
+    gold_ids: tuple[str, ...] = ()  # ids of passages that answer it (JSONL "gold_id" or DPR's "positive_ctxs")
 
 
 # -- normalisation (SQuAD v1.1 evaluate script, also DPR's) ------------------------------------------------------
@@ -103,7 +104,35 @@ def _parse_jsonl_line(path: Path, lineno: int, line: str) -> QAExample:
     if not obj["question"].strip():
         raise CorpusFormatError(path, lineno, "empty question")
     fact = obj.get("fact_id", -1)
-    return QAExample(obj["question"].strip(), _answers(path, lineno, obj["answers"]), int(fact))
+    return QAExample(obj["question"].strip(), _answers(path, lineno, obj["answers"]), int(fact),
+                     _gold_ids(path, lineno, obj))
+
+
+# DPR's retriever data name a positive passage's id "passage_id" (biencoder-nq-*.json) or "psg_id"
+_CTX_ID_KEYS = ("passage_id", "psg_id", "id")
+
+
+def _gold_ids(path: Path, lineno: int, obj: dict) -> tuple[str, ...]:
+    """Gold passage ids: "gold_id" (one id or a list), or the ids of DPR's "positive_ctxs"; () when neither."""
+    if "gold_id" in obj:
+        value = obj["gold_id"]
+        ids = value if isinstance(value, list) else [value]
+    elif "positive_ctxs" in obj:
+        ctxs = obj["positive_ctxs"]
+        if not isinstance(ctxs, list) or not all(isinstance(c, dict) for c in ctxs):
+            raise CorpusFormatError(path, lineno, "'positive_ctxs' must be a list of objects")
+        ids = []
+        for c in ctxs:
+            key = next((k for k in _CTX_ID_KEYS if k in c), None)
+            if key is None:
+                raise CorpusFormatError(path, lineno, f"a positive_ctxs entry has no id ({', '.join(_CTX_ID_KEYS)})")
+            ids.append(c[key])
+    else:
+        return ()
+    if not all(isinstance(i, (str, int)) and not isinstance(i, bool) for i in ids):
+        raise CorpusFormatError(path, lineno,
+                                f"gold passage ids must be strings or integers, got {_snippet(repr(ids))}")
+    return tuple(str(i).strip() for i in ids)
 
 
 def read_qa(path: str | os.PathLike) -> list[QAExample]:

@@ -1,14 +1,22 @@
 """Reader inputs for Open-QA: `[CLS] q [SEP] z [SEP]` rows, every candidate answer span of z, and which spans match
 a gold answer after SQuAD/DPR normalisation.
 
-A candidate span covers 1..max_len tokens of the block (title or text), starts at a word start and ends at a word
-end (never inside a `##` piece), neither starts nor ends on a token that normalisation drops (punctuation, a/an/the:
-"the Paris ." would only duplicate "Paris"). Each block's candidates and their normalised strings are computed once
-and cached: matching a question's answers is then a set lookup per span.
+Spans live in the passage's own characters: a candidate is a token range of the block, read as the character range
+that the tokenizer's offsets give in the block's title or text (`BlockStore.token_chars`). Its normalised text is
+`normalize_answer` of those characters, so "1,000", "Jean-Paul", "U.S.", "3.5", "Cupertino, California" and
+"Gödel" match their gold answers (joining word pieces with spaces would give "1 , 000"), and a prediction is that
+exact substring of the passage: the original case and accents even from an uncased tokenizer.
+
+A candidate covers 1..max_len tokens of the title or of the text, starts at a word start and ends at a word end
+(never inside a `##` piece), neither starts nor ends on a token that normalisation drops (punctuation, a/an/the:
+"the Paris ." would only duplicate "Paris"); an abbreviation keeps its last period ("U.S." not "U.S"). Each block's
+candidates and their normalised strings are computed once and cached: matching a question's answers is then a set
+lookup per span.
 """
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 import numpy as np
@@ -16,12 +24,24 @@ import torch
 
 from realm_hpc.data.qa import normalize_answer
 
+# A word of letter-period pairs ("U.S", "D.C", "J.R.R") before its final period: the period belongs to it ("3.5." not).
+_ABBREVIATION = re.compile(r"(?:^|[\s(\[\"'])(?:[^\W\d_]\.)+[^\W\d_]$")
+
 
 @dataclass
 class BlockSpans:
     starts: np.ndarray  # [S] inclusive token positions in the block ([CLS] title [SEP] text [SEP])
     ends: np.ndarray  # [S] inclusive
     norm: list[str]  # normalised text of each span
+
+
+def span_chars(source: str, chars: np.ndarray, start: int, end: int) -> tuple[int, int]:
+    """[a, b) characters of `source` (the block's title or text) that tokens start..end (inclusive) cover; an
+    abbreviation's final period is added ("U.S." has tokens u . s . and a span may not end on the dropped ".")."""
+    a, b = int(chars[start, 0]), int(chars[end, 1])
+    if source[b:b + 1] == "." and _ABBREVIATION.search(source, 0, b):
+        b += 1
+    return a, b
 
 
 @dataclass
@@ -33,7 +53,7 @@ class ReaderBatch:
     ends: torch.Tensor
     valid: torch.Tensor  # [N, S] bool
     match: torch.Tensor  # [N, S] bool: the span's normalised text is a normalised gold answer
-    span_tokens: list[list[tuple[int, int]]]  # per row: (block start, block end) of each candidate, for decoding
+    span_tokens: list[list[tuple[int, int]]]  # per row: (block start, block end) of each candidate (span_text)
 
     def to(self, device: torch.device | str) -> "ReaderBatch":
         """The tensors on `device`; itself when already there."""
@@ -51,9 +71,7 @@ class QAInputs:
         self.reader_len, self.query_len, self.max_span_len = reader_len, query_len, max_span_len
         self.cls_id, self.sep_id, self.pad_id = tokenizer.cls_token_id, tokenizer.sep_token_id, tokenizer.pad_token_id
         self.mask_id = tokenizer.mask_token_id
-        vocab = tokenizer.convert_ids_to_tokens(list(range(len(tokenizer))))
-        self._pieces = vocab
-        self._special = set(tokenizer.all_special_ids)
+        self._pieces = tokenizer.convert_ids_to_tokens(list(range(len(tokenizer))))
         self._cache: dict[int, BlockSpans] = {}
 
     # -- questions --------------------------------------------------------------------------------------------------
@@ -70,24 +88,25 @@ class QAInputs:
         return out
 
     # -- spans ----------------------------------------------------------------------------------------------------
-    def span_text(self, ids) -> str:
-        words: list[str] = []
-        for t in ids:
-            piece = self._pieces[int(t)]
-            if piece.startswith("##") and words:
-                words[-1] += piece[2:]
-            else:
-                words.append(piece)
-        return " ".join(words)
+    def span_text(self, block: int, start: int, end: int) -> str:
+        """The passage's own characters that the block's tokens start..end (inclusive) cover: a prediction."""
+        source = self.blocks.title(block) if start <= self.blocks.title_len(block) else self.blocks.text(block)
+        a, b = span_chars(source, self.blocks.token_chars(block), start, end)
+        return source[a:b]
 
     def block_spans(self, block: int) -> BlockSpans:
         if block in self._cache:
             return self._cache[block]
-        toks = self.blocks.tokens(block)
+        toks, chars, title_len = self.blocks.tokens(block), self.blocks.token_chars(block), self.blocks.title_len(block)
+        title, text = self.blocks.title(block), self.blocks.text(block)
         n = len(toks)
-        special = np.array([int(t) in self._special for t in toks])
+        # [CLS], the title's [SEP] and the last [SEP] by position: an [UNK] inside the text is still a word.
+        special = np.zeros(n, dtype=bool)
+        special[[0, title_len + 1, n - 1]] = True
+        sources = [title if p <= title_len else text for p in range(n)]
         cont = np.array([self._pieces[int(t)].startswith("##") for t in toks])
-        dropped = np.array([not normalize_answer(self._pieces[int(t)]) for t in toks])
+        dropped = np.array([special[p] or not normalize_answer(sources[p][chars[p, 0]:chars[p, 1]])
+                            for p in range(n)])
         starts, ends, norm = [], [], []
         for i in range(n):
             if special[i] or cont[i] or dropped[i]:
@@ -97,14 +116,17 @@ class QAInputs:
                     break
                 if (j + 1 < n and cont[j + 1]) or dropped[j]:
                     continue  # a span ends at a word end, on a word
-                text = normalize_answer(self.span_text(toks[i:j + 1]))
-                if text:
-                    starts.append(i), ends.append(j), norm.append(text)
+                a, b = span_chars(sources[i], chars, i, j)
+                text_ij = normalize_answer(sources[i][a:b])
+                if text_ij:
+                    starts.append(i), ends.append(j), norm.append(text_ij)
         spans = BlockSpans(np.asarray(starts, np.int64), np.asarray(ends, np.int64), norm)
         self._cache[block] = spans
         return spans
 
     def contains_answer(self, block: int, answers: set[str]) -> bool:
+        """Whether a candidate span of the block is a (normalised) gold answer: what the loss can learn from.
+        "A top-k passage contains an answer" as a metric is DPR's rule instead (`data.qa.has_answer`)."""
         return any(s in answers for s in self.block_spans(block).norm)
 
     # -- reader rows -------------------------------------------------------------------------------------------------
@@ -145,9 +167,6 @@ class QAInputs:
         return ReaderBatch(input_ids, (input_ids != self.pad_id).long(), type_ids, starts, ends, valid, match,
                            spans_out)
 
-    def decode(self, block: int, start: int, end: int) -> str:
-        return self.tokenizer.decode(self.blocks.tokens(block)[start:end + 1].tolist())
-
     # -- closed book ---------------------------------------------------------------------------------------------------
     def closed_book_batch(self, q_tokens: list[np.ndarray], answers: list[str] | None = None) -> dict:
         """`[CLS] q [SEP] [MASK]*m [SEP]` (m = max_span_len): the MLM reader fills in the answer's tokens followed
@@ -175,9 +194,35 @@ class QAInputs:
                     doc_mask=torch.zeros_like(input_ids, dtype=torch.bool))
 
     def closed_book_answer(self, predicted: list[int]) -> str:
+        """The closed-book reader's answer: its tokens up to the end marker, decoded (`detokenize`)."""
         out = []
         for t in predicted:
             if t == self.sep_id:
                 break
             out.append(t)
-        return self.tokenizer.decode(out)
+        return detokenize(self.tokenizer.decode(out, clean_up_tokenization_spaces=False))
+
+
+# WordPiece keeps no whitespace: BERT's pre-tokenizer splits off every punctuation mark, and decode() puts a space
+# between all words ("1 , 000", "jean - paul", "u . s ."). A decoder can only guess where the spaces were; English
+# almost never has one before , . ; : ! ? % ) ] or after ( [ $ £ €, nor around - – / or an inner apostrophe, nor
+# inside an abbreviation ("u.s."); a period between digits, or a comma before three, is a number's. An uncased
+# vocabulary has lost case and accents for good: EM forgives the case, not "godel" for "Gödel" (the open-book reader
+# has no such loss: it answers in passage text).
+_DETOKENIZE = [
+    (re.compile(r"\s+([.,;:!?%)\]}])"), r"\1"),
+    (re.compile(r"([(\[{$£€])\s+"), r"\1"),
+    (re.compile(r"(\d),\s+(?=\d{3}(?!\d))"), r"\1,"),  # "1, 000" is 1,000; "April 1, 1976" stays
+    (re.compile(r"(\d)\.\s+(?=\d)"), r"\1."),
+    (re.compile(r"\b([^\W\d_])\.\s+(?=[^\W\d_]\.)"), r"\1."),  # "u. s." -> "u.s."
+    (re.compile(r"\s*([-–—/])\s*"), r"\1"),
+    (re.compile(r"(\w)\s*(['’])\s*(?=\w)"), r"\1\2"),
+]
+
+
+def detokenize(text: str) -> str:
+    """`tokenizer.decode` output with the spaces WordPiece put around punctuation taken out: "1 , 000" -> "1,000",
+    "jean - paul" -> "jean-paul", "u . s ." -> "u.s.", "o ' brien" -> "o'brien"."""
+    for pattern, repl in _DETOKENIZE:
+        text = pattern.sub(repl, text)
+    return text.strip()

@@ -70,8 +70,9 @@ class World:
         return [s for s in self.sentences
                 if s.text not in stating and not any(f in self.heldout for f, _, _ in s.facts)]
 
-    def eval_examples(self, limit: int, seed: int = 0) -> list["HeldOut"]:
-        """One example per (held-out fact, stating sentence): the value span masked, the other doc(s) gold."""
+    def eval_examples(self, limit: int | None, seed: int = 0) -> list["HeldOut"]:
+        """One example per (held-out fact, stating sentence): the value span masked, the other doc(s) gold; the
+        first `limit` of a seeded order (None: all)."""
         where = self.fact_docs()
         out = []
         for s in self.sentences:

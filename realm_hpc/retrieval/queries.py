@@ -57,7 +57,8 @@ def _parse_json(path: Path, lineno: int, line: str) -> Query:
 
 
 def write_results(index, queries: list[Query], k: int, batch_size: int, out: str | Path | None) -> None:
-    """Search ``queries`` against a SavedIndex in batches; JSONL to ``out`` (atomically) or stdout."""
+    """Search ``queries`` against an index directory (store.open_index: dense or bm25) in batches; JSONL to ``out``
+    (atomically) or stdout."""
     with (atomic_file(out) if out else contextlib.nullcontext(sys.stdout)) as f:
         for a in range(0, len(queries), batch_size):
             chunk = queries[a:a + batch_size]

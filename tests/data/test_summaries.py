@@ -70,7 +70,8 @@ def test_plain_corpus_gold_is_the_masked_entitys_article(tmp_path):
     docs.update({f"Film {i}": {"title": f"Film {i}", "extract": f"The film was directed by Stanley Kubrick in {i}."}
                  for i in range(200)})
     cfg = apply_overrides(get_recipe("tiny"), [f"data.corpus={_write(tmp_path, docs)}", "data.eval_examples=50"])
-    documents, _, heldout = _corpus_sentences(cfg)
+    documents, _, splits, _ = _corpus_sentences(cfg)
+    heldout = splits["test"] + splits["dev"]
     kubrick = next(i for i, d in enumerate(documents) if d.title == "Stanley Kubrick")
     with_gold = [h for h in heldout if h[3]]
     assert with_gold, "some held-out sentence should mention Stanley Kubrick"

@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from realm_hpc.cli import _load_run, main
+from realm_hpc.cli import main
+from realm_hpc.runs import load_run
 from realm_hpc.retrieval.backends import build_backend, recall_at_k
 from realm_hpc.retrieval.index import encode_blocks
 from realm_hpc.retrieval.store import FAISS_FILE, SavedIndex, build_index
@@ -23,7 +24,7 @@ K = 5
 
 @pytest.fixture(scope="module")
 def loaded(tiny_run):
-    cfg, data, model = _load_run(str(tiny_run))
+    cfg, data, model = load_run(str(tiny_run))
     emb = encode_blocks(model.retriever.doc, data.blocks, cfg.refresh.batch_size)
     return cfg, data, model, emb
 
@@ -210,7 +211,7 @@ def test_retrieve_queries_malformed_line(indexes, tmp_path, capsys, line, reason
 
 
 def test_retrieve_needs_one_of_question_and_queries(indexes, tmp_path, capsys):
-    for args in ([], ["who", "--queries", str(tmp_path / "q.txt")]):
+    for args in ([], ["who", "--queries", str(tmp_path / "q.txt")], ["   "]):
         with pytest.raises(SystemExit) as exc:
             main(["retrieve", "--index", str(indexes["exact", "fp32"]), *args])
         assert exc.value.code == 2 and "--queries" in capsys.readouterr().err
