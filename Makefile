@@ -22,7 +22,7 @@ STAMP := $(VENV)/.installed-$(KIND)-$(shell cat setup.py requirements-pins.txt 2
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: install demo test clean
+.PHONY: install demo test clean aot aot-triton36
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -60,6 +60,27 @@ test: install
 
 clean:
 	rm -rf runs .pytest_cache
+
+# Every kernel config compiled for sm_80 and sm_90 to a cubin, on a CPU (kernels/aot.py): registers, shared memory,
+# spills and async copies in the stream loop, one line per config; fails on a spill or a loop without async copies.
+# Neither target installs into .venv: `aot` uses it as it is, `aot-triton36` builds a throw-away venv under /tmp with
+# Triton 3.6 (what some GPU images ship) beside the 3.9 this project pins.
+AOT_OUT ?= runs/aot
+T36 ?= /tmp/realm-hpc-triton36
+
+aot:
+	mkdir -p $(AOT_OUT)
+	env -u TRITON_INTERPRET PYTHONPATH=$(CURDIR) TRITON_DEFAULT_FP_FUSION=1 \
+		$(BIN)/python -m kernels.aot --check --json $(AOT_OUT)/triton-default.json
+
+aot-triton36:
+	test -x $(T36)/bin/python || $(PY) -m venv $(T36)
+	# torch first, as in install: it is only imported for dtypes, any CPU wheel will do
+	$(T36)/bin/pip install -q torch==2.13.0
+	$(T36)/bin/pip install -q triton==3.6.0 numpy
+	mkdir -p $(AOT_OUT)
+	env -u TRITON_INTERPRET PYTHONPATH=$(CURDIR) TRITON_CACHE_DIR=$(T36)/cache \
+		$(T36)/bin/python -m kernels.aot --check --json $(AOT_OUT)/triton-3.6.0.json
 
 # The wheels that bench/gpu_check.sh installs on a bare, offline GPU image (README "First GPU job"): the binary
 # wheels of bench/gpu_wheels.txt for CPython $(GPU_PY) on manylinux x86_64, and deepspeed (an sdist) built here into

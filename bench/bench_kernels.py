@@ -12,6 +12,7 @@ run cut short keeps its rows; "skipped" lists baselines that could not run and w
     python bench/bench_kernels.py --quick --out runs/bench        # CPU: torch + faiss, < 1 min
     REALM_HPC_KERNELS=triton python bench/bench_kernels.py ...    # CPU: add the Triton kernel (interpreter; slow)
     python bench/bench_kernels.py --n 1000000 13350000 --out ...  # GPU
+    python bench/bench_kernels.py --merge-rate --b 1 64 512 --k 8 64   # CPU interpreter: merge-branch entries per tile
     python bench/bench_kernels.py --n 13350000 --dtypes bf16 --b 1 64 512 4096 --k 8 64 --benches ip_topk
 
 Timing: triton.testing.do_bench quantiles on GPU; time.perf_counter repeats on CPU. Not a test: no asserts.
@@ -156,6 +157,40 @@ def bench_ip_topk(args, device, use_triton: bool, copy_gbs: float, result: dict,
         del x32, faiss_index
 
 
+def merge_rate(args) -> list[dict]:
+    """How often ip_topk's threshold lets a tile into the pack/merge branch, counted by the kernel itself (Triton's
+    interpreter, so CPU-only): random normal bf16 rows and queries, D = 128, the GPU configs' tile shapes.
+
+    Each program streams rows_per_program rows (GPU-shaped: 13.35M rows over the ~528 programs an H100 gets at
+    B <= 64 is ~25k each; B = 512 gets ~8x longer streams, so fewer merges than here). The interpreter runs programs
+    one after another, so the shared threshold (each program publishes its k-th best) is at its best here: every
+    program sees the final bar of those before it. ``share=False`` is the other bound: no program sees another's.
+    """
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+    import importlib
+
+    mod = importlib.import_module("kernels.ip_topk")
+    rows = []
+    gen = torch.Generator().manual_seed(0)
+    n = args.rows_per_program * args.programs
+    x = torch.randn(n, args.d, generator=gen).to(torch.bfloat16)
+    for b in args.b:
+        q = torch.randn(b, args.d, generator=gen).to(torch.bfloat16)
+        cfg = mod.default_config(b, args.d, 2)
+        for k in args.k:
+            for share in (False, True):
+                t = time.perf_counter()
+                merges, tiles = mod.merge_counts(q, x, k, splits=args.programs, share=share, **cfg)
+                rows.append(dict(bench="merge_rate", B=b, k=k, N=n, programs=args.programs, share=share,
+                                 block_b=cfg["block_b"], block_n=cfg["block_n"], merges=merges, tiles=tiles,
+                                 rate=merges / tiles, wall_s=time.perf_counter() - t))
+                r = rows[-1]
+                print(f"merge_rate B={b:<4} k={k:<3} share={share!s:<5} BLOCK_B={r['block_b']} BLOCK_N="
+                      f"{r['block_n']} tiles={tiles:<6} merges={merges:<6} per tile={r['rate']:.3f}  "
+                      f"({r['wall_s']:.0f}s)", flush=True)
+    return rows
+
+
 # ---------------------------------------------------------------------------------- marginal_logsumexp methods
 
 def naive_marginal(r, l):
@@ -253,7 +288,18 @@ def main(argv=None) -> int:
     ap.add_argument("--mlse-b", type=int, nargs="+", default=[64, 1024, 16384])
     ap.add_argument("--mlse-k", type=int, nargs="+", default=[9, 65, 257])
     ap.add_argument("--no-faiss", action="store_true")
+    ap.add_argument("--merge-rate", action="store_true", help="only count ip_topk's merge-branch entries per tile "
+                                                                "(Triton interpreter, CPU; --b, --k)")
+    ap.add_argument("--rows-per-program", type=int, default=12_800)
+    ap.add_argument("--programs", type=int, default=4)
     args = ap.parse_args(argv)
+    if args.merge_rate:
+        args.out.mkdir(parents=True, exist_ok=True)
+        meta = dict(git_sha=git_sha(), time=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+                    argv=sys.argv[1:] if argv is None else argv)
+        rows = merge_rate(args)
+        write_atomic(args.out / "merge_rate.json", json.dumps(dict(meta=meta, rows=rows), indent=1).encode())
+        return 0
 
     device = torch.device(args.device)
     want_triton = os.environ.get("REALM_HPC_KERNELS", "auto") == "triton"

@@ -67,10 +67,12 @@ def ip_topk(q: torch.Tensor, index: torch.Tensor, k: int, exclude: torch.Tensor 
     Scores accumulate in float32 (any input dtype), so the ids are a float32 brute force's up to summation order
     (only near-exact ties can differ between backends). Ties go to the lower id; ``exclude`` (int64 [B], -1 = none) names one id per query never returned, fused
     into the search so k results always come back. No autograd: scores are detached (re-score the chosen
-    documents to get gradients). k > N is a ValueError; k > 64 always runs the (chunked) reference.
+    documents to get gradients). k > N is a ValueError; k > 64 or D > 256 always runs the (chunked) reference.
+    On a GPU, float32 inputs are multiplied in tf32x3 (three tf32 tensor-core products, ~1e-6 relative to
+    |q| |x|), 16-bit inputs exactly.
     """
     mod = triton_module("ip_topk", q.device)
-    if mod is None or k > reference.MAX_K:
+    if mod is None or k > reference.MAX_K or q.dim() != 2 or q.shape[-1] > reference.MAX_D:
         return reference.ip_topk_reference(q, index, k, exclude)
     return mod.ip_topk_triton(q, index, k, exclude)
 

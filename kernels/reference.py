@@ -14,6 +14,7 @@ import torch.nn.functional as F
 
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 MAX_K = 64
+MAX_D = 256  # the Triton ip_topk holds [BLOCK_N, D] tiles in its pipeline; wider embeddings run the reference
 
 # Packed top-k keys: an order-preserving int32 image of the float32 score in the high half, and
 # (0xFFFFFFFF - id) in the low half, so that a plain integer max picks the higher score and, on equal scores,

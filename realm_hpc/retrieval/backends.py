@@ -144,9 +144,10 @@ class ExactParams:
     dtype: str | None = None  # storage dtype: fp32 | bf16 | fp16 (None = the embeddings' own)
     threads: int | None = None  # CPU worker threads (None = torch.get_num_threads())
     cpu_path: str = "sharded"  # sharded (CPUExactSearch) | reference (kernels.ip_topk's torch path, slower)
-    small_batch: int | None = None  # B below this uses faiss's per-query loop; None = 64 if the index fits in
-    # the last-level cache (the loop then streams from cache), else 8 (see CPUExactSearch)
-    min_shard_rows: int = 8192  # fewer rows than threads * this: fewer shards
+    small_batch: int | None = None  # B below this uses faiss's per-query loop; None = by the index's size against
+    # the last-level cache: 64 within a quarter of it (the loop streams from cache), 16 within it, else 8
+    min_shard_rows: int = 2048  # fewer rows than threads * this: fewer shards
+    small_work: int = 1 << 22  # B * N * D multiply-adds up to which a search is one job in the caller's thread
     chunk_elems: int = 1 << 20  # score block per chunk (B x C floats): 4 MiB stays in L2/L3
 
 
@@ -173,7 +174,8 @@ class ExactBackend(Backend):
         self._cpu = None
         if x.device.type == "cpu" and p.cpu_path != "reference":
             self._cpu = CPUExactSearch(x, threads=p.threads, small_batch=p.small_batch,
-                                       min_shard_rows=p.min_shard_rows, chunk_elems=p.chunk_elems)
+                                       min_shard_rows=p.min_shard_rows, chunk_elems=p.chunk_elems,
+                                       small_work=p.small_work)
         self.build_s = time.perf_counter() - t0
 
     def search(self, queries, k, exclude=None):
@@ -197,20 +199,28 @@ class CPUExactSearch:
     Per batch size, with faiss installed and float32 rows:
 
     - B * D >= faiss's BLAS threshold (B >= 1000 at D=128 in faiss 1.15): ``faiss.knn`` on the shard (its sgemm +
-      heaps, as fast as torch's matmul and cheaper selection; no copy of the index);
+      heaps: 0.35-0.40 s for 1024 x 50k x 128 on one core of the 2-core EPYC, where torch.mm alone took 0.51-0.58 s;
+      no copy of the index);
     - B < small_batch: ``faiss.knn`` too, i.e. its per-query loop: at B=1 it streams ~4x faster than MKL's gemv;
     - otherwise, and always without faiss: ``_shard_topk``, chunked matmul with a slab-max filter.
 
     faiss is asked for k + 2 so that exclusion and a tie at the k-th place are visible; a row tied there is redone
     by ``_shard_topk``, whose packed-key selection breaks ties to the lower id like the reference.
     Workers get one torch / OpenMP / MKL thread each, thread-locally: the caller's settings are left as they were.
+
+    Small indexes are where per-call costs show (10k x 128 is ~0.3 ms of work at B=1): the caller's thread runs
+    the first faiss job itself (faiss's OpenMP set to one thread for it, thread-locally, and put back), so a
+    T-shard search wakes T - 1 workers, and a search of at most ``small_work`` multiply-adds is one job over every
+    row, in the caller's thread. Shards are at least ``min_shard_rows`` rows, so at 10k rows both threads work.
     """
 
     SLAB = 16
     QUERY_BLOCK = 1024
 
-    def __init__(self, x: torch.Tensor, threads=None, small_batch=None, min_shard_rows=8192, chunk_elems=1 << 20):
+    def __init__(self, x: torch.Tensor, threads=None, small_batch=None, min_shard_rows=2048, chunk_elems=1 << 20,
+                 small_work=1 << 22):
         self.x = x
+        self.small_work = small_work
         self.threads = max(1, threads or torch.get_num_threads())
         self.chunk_elems = chunk_elems
         n = x.shape[0]
@@ -218,7 +228,10 @@ class CPUExactSearch:
         step = -(-n // n_shards)
         self.shards = [(a, min(a + step, n)) for a in range(0, n, step)]
         if small_batch is None:
-            small_batch = 64 if x.numel() * x.element_size() <= _last_level_cache_bytes() else 8
+            # where faiss's per-query loop stops beating the chunked matmul (interleaved, 2 shards, 32 MiB L3):
+            # B ~64 at 10k x 128 fp32 (5 MiB), ~12 at 50k (26 MiB), ~6 at 1M
+            size, llc = x.numel() * x.element_size(), _last_level_cache_bytes()
+            small_batch = 64 if size <= llc // 4 else 16 if size <= llc else 8
         self.small_batch = small_batch
         self._faiss = None
         if x.dtype == torch.float32:
@@ -243,9 +256,9 @@ class CPUExactSearch:
 
     # -- threads
 
-    def _workers(self) -> ThreadPoolExecutor | None:
-        # One shard still goes to a worker when the caller runs several OpenMP threads (see the class docstring).
-        if len(self.shards) == 1 and torch.get_num_threads() == 1:
+    def _workers(self, jobs: int) -> ThreadPoolExecutor | None:
+        # One job still goes to a worker when the caller runs several OpenMP threads (see the class docstring).
+        if jobs == 1 and torch.get_num_threads() == 1:
             return None
         with self._pool_lock:
             if self._pool is None:
@@ -265,16 +278,32 @@ class CPUExactSearch:
     @torch.no_grad()
     def search(self, q: torch.Tensor, k: int, exclude: torch.Tensor | None):
         q = q.float().contiguous()
-        jobs = [(a, b, min(k, b - a)) for a, b in self.shards]
-        run = self._shard_faiss if self.method(q.shape[0]) == "faiss" else self._shard_torch
-        pool = self._workers()
-        if pool is None:
-            parts = [run(q, a, b, kk, exclude) for a, b, kk in jobs]
+        b, n = q.shape[0], self.x.shape[0]
+        shards = [(0, n)] if b * n * self.x.shape[1] <= self.small_work else self.shards
+        jobs = [(a, z, min(k, z - a)) for a, z in shards]
+        if self.method(b) == "faiss":
+            run, mine = self._shard_faiss, jobs[:1]  # the caller's thread takes the first job
         else:
-            futures = [pool.submit(run, q, a, b, kk, exclude) for a, b, kk in jobs]
-            parts = [f.result() for f in futures]
+            run, mine = self._shard_torch, []
+        rest = len(jobs) - len(mine)
+        pool = self._workers(rest) if rest else None
+        if pool is None:
+            mine = jobs
+        futures = [pool.submit(run, q, a, z, kk, exclude) for a, z, kk in jobs[len(mine):]] if pool else []
+        parts = [self._in_caller(run, q, a, z, kk, exclude) for a, z, kk in mine] + [f.result() for f in futures]
         keys = parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
         return unpack_keys(_top_sorted(keys, k))
+
+    def _in_caller(self, run, *args):
+        """run(*args) in the caller's thread, with faiss's OpenMP at one thread for it (thread-local, put back)."""
+        if run != self._shard_faiss:
+            return run(*args)
+        before = self._faiss.omp_get_max_threads()
+        self._faiss.omp_set_num_threads(1)
+        try:
+            return run(*args)
+        finally:
+            self._faiss.omp_set_num_threads(before)
 
     def _shard_torch(self, q, a, b, k, exclude):
         blocks = [_shard_topk(q[i:i + self.QUERY_BLOCK], self.x, a, b, k,
@@ -284,17 +313,24 @@ class CPUExactSearch:
         return blocks[0] if len(blocks) == 1 else torch.cat(blocks)
 
     def _shard_faiss(self, q, a, b, k, exclude):
-        rows = b - a
-        ask = min(rows, k + 1 + (exclude is not None))
+        """Top-k keys of rows a:b by faiss.knn, its output fixed up in numpy (a few microseconds, where the same in
+        torch ops was most of a small search's time)."""
+        ask = min(b - a, k + 1 + (exclude is not None))
         scores, ids = self._faiss.knn(q.numpy(), self._x_np[a:b], ask, metric=self._faiss.METRIC_INNER_PRODUCT)
-        keys = _top_sorted(_keys_from(scores, ids + a, exclude), min(ask, k + 1))
-        if keys.shape[1] > k:
+        ids += a
+        live = np.ones(ids.shape, dtype=bool) if exclude is None else ids != exclude.numpy()[:, None]
+        if not live.all():  # move the excluded id to the end of its row (faiss sorted the rest, best first)
+            order = np.argsort(~live, axis=1, kind="stable")
+            scores, ids, live = (np.take_along_axis(t, order, 1) for t in (scores, ids, live))
+        kk = min(k, ask)
+        keys = pack_keys(torch.from_numpy(scores[:, :kk]), torch.from_numpy(ids[:, :kk]))
+        if not live[:, :kk].all():
+            keys.masked_fill_(torch.from_numpy(~live[:, :kk]), KEY_MIN)
+        if ask > k:
             # faiss breaks exact ties in its own order: a tie at the k-th place may hide a lower id it did not return
-            s = unpack_keys(keys[:, k - 1:k + 1])[0]
-            tied = (s[:, 0] == s[:, 1]) & (keys[:, k] != KEY_MIN)
-            keys = keys[:, :k].clone()
-            if bool(tied.any()):
-                r = tied.nonzero().squeeze(1)
+            tied = (scores[:, k - 1] == scores[:, k]) & live[:, k]
+            if tied.any():
+                r = torch.from_numpy(np.flatnonzero(tied))
                 ex = None if exclude is None else exclude[r]
                 keys[r] = _shard_topk(q[r], self.x, a, b, k, ex, self.chunk_elems, self.SLAB)
         return keys

@@ -18,6 +18,29 @@ def _kernel():
     return importlib.import_module("kernels.ip_topk")
 
 
+_TOPK_ROWS = _topk = None
+
+
+def _topk_rows():
+    """A one-program kernel applying ip_topk's _topk to a [16, C] int64 block (built on first use: it needs triton;
+    the network is a module global because jit functions resolve names there, not in closures)."""
+    global _TOPK_ROWS, _topk
+    if _TOPK_ROWS is None:
+        import triton
+        import triton.language as tl
+
+        _topk = _kernel()._topk
+
+        @triton.jit
+        def topk_rows(X, OUT, C: tl.constexpr, K: tl.constexpr, DESC: tl.constexpr):
+            r = tl.arange(0, 16)[:, None]
+            x = tl.load(X + r * C + tl.arange(0, C)[None, :])
+            tl.store(OUT + r * K + tl.arange(0, K)[None, :], _topk(x, K, DESC))
+
+        _TOPK_ROWS = topk_rows
+    return _TOPK_ROWS
+
+
 def brute_force(q, x, k, exclude=None):
     """Full float32 score matrix, excluded id pushed last, stable sort: (score desc, id asc) by construction."""
     s = q.float() @ x.float().T
@@ -118,21 +141,21 @@ def test_non_contiguous_inputs():
     assert not q.is_contiguous() and not x.is_contiguous()
     s, i = ip_topk(q, x, 7)
     assert_valid_topk(s, i, q, x, 7, None, 1e-5)
-    ks, ki = _kernel().ip_topk_triton(q, x, 7, block_b=16, block_n=32, block_d=16)
+    ks, ki = _kernel().ip_topk_triton(q, x, 7, block_b=16, block_n=32)
     assert torch.equal(ki, i) and torch.allclose(ks, s, rtol=1e-6, atol=1e-5)
 
 
 # ----------------------------------------------------------------------------------- Triton kernel (interpreter)
 
 # Every test below runs the Triton kernel on CPU tensors through the interpreter.
-# (B, N, D, k, blocks(BLOCK_B, BLOCK_N, BLOCK_D), splits): N < block, N not a block multiple, D not a block
-# multiple, B = 1 and B > BLOCK_B, k = 1, non-power-of-two k, k = 64, several splits.
+# (B, N, D, k, blocks (BLOCK_B, BLOCK_N), splits): N < block, N not a block multiple, D not a power of two, B = 1
+# and B > BLOCK_B, k = 1, non-power-of-two k, k = 64 with a tile narrower than KP (padded), several splits.
 KERNEL_CASES = [
-    (1, 5, 8, 1, (16, 16, 16), None),
-    (3, 100, 24, 5, (16, 16, 16), None),
-    (17, 70, 40, 10, (16, 32, 16), 2),
-    (2, 130, 16, 64, (16, 32, 16), None),
-    (4, 200, 20, 7, (16, 16, 16), 5),
+    (1, 5, 8, 1, (16, 16), None),
+    (3, 100, 24, 5, (16, 16), None),
+    (17, 70, 40, 10, (16, 32), 2),
+    (2, 130, 16, 64, (16, 32), None),
+    (4, 200, 20, 7, (16, 16), 5),
 ]
 
 
@@ -142,8 +165,7 @@ KERNEL_CASES = [
 def test_kernel_matches_reference_int_data(b, n, d, k, blocks, splits, dtype):
     q, x = int_data(b, n, d, seed=b * n + k, dtype=dtype)  # exact in every precision: bitwise comparison
     exclude = torch.randint(-1, n, (b,), generator=torch.Generator().manual_seed(k)) if k < n else None
-    s, i = _kernel().ip_topk_triton(q, x, k, exclude, block_b=blocks[0], block_n=blocks[1], block_d=blocks[2],
-                                    splits=splits)
+    s, i = _kernel().ip_topk_triton(q, x, k, exclude, block_b=blocks[0], block_n=blocks[1], splits=splits)
     rs, ri = ip_topk_reference(q, x, k, exclude)
     assert torch.equal(s, rs) and torch.equal(i, ri)
 
@@ -154,7 +176,7 @@ def test_kernel_random_data_and_top_hit_exclusion(dtype):
     torch.manual_seed(4)
     q, x = torch.randn(5, 48).to(dtype), torch.randn(150, 48).to(dtype)
     _, top = brute_force(q, x, 1)
-    s, i = _kernel().ip_topk_triton(q, x, 6, top[:, 0], block_b=16, block_n=32, block_d=16, splits=2)
+    s, i = _kernel().ip_topk_triton(q, x, 6, top[:, 0], block_b=16, block_n=32, splits=2)
     assert_valid_topk(s, i, q, x, 6, top[:, 0], SCORE_TOL[dtype])
     rs, ri = ip_topk_reference(q, x, 6, top[:, 0])
     assert torch.allclose(s, rs, rtol=1e-5, atol=1e-5)
@@ -162,22 +184,52 @@ def test_kernel_random_data_and_top_hit_exclusion(dtype):
 
 @pytest.mark.usefixtures("triton_cpu")
 def test_kernel_all_ties_and_wide_d_non_contiguous():
-    q, x = torch.zeros(2, 1000), torch.zeros(1000, 40).T  # D = 1000, column-major index
-    s, i = _kernel().ip_topk_triton(q, x, 3, torch.tensor([1, -1]), block_b=16, block_n=16, block_d=256)
+    q, x = torch.zeros(2, 200), torch.zeros(200, 40).T  # D = 200 (masked to 256), column-major index
+    s, i = _kernel().ip_topk_triton(q, x, 3, torch.tensor([1, -1]), block_b=16, block_n=16)
     assert i.tolist() == [[0, 2, 3], [0, 1, 2]] and torch.all(s == 0)
 
 
-@pytest.mark.parametrize("b", [3, 20])
 @pytest.mark.usefixtures("triton_cpu")
-def test_kernel_gpu_launch_config(b, monkeypatch):
-    """The blocks a GPU launch uses (BLOCK_B 16 or 64, BLOCK_N=64) and the GPU merge blocks, via the entry point."""
-    monkeypatch.setenv("REALM_HPC_KERNELS", "triton")
-    monkeypatch.setattr(_kernel(), "merge_blocks", lambda interpret=False: (8, 64))
-    q, x = int_data(b, 150, 40, seed=9)
-    exclude = torch.arange(b) * 7
-    s, i = ip_topk(q, x, 9, exclude)
-    rs, ri = ip_topk_reference(q, x, 9, exclude)
-    assert torch.equal(s, rs) and torch.equal(i, ri)
+def test_kernel_every_gpu_config(monkeypatch):
+    """Each autotuning candidate (both batch buckets, 16- and 32-bit), run as the GPU would, on exact data."""
+    m = _kernel()
+    for (bucket, esize), cands in m.CONFIGS.items():
+        dtype = torch.float32 if esize == 4 else torch.bfloat16
+        b = 3 if bucket == 0 else 20
+        q, x = int_data(b, 300, 40, seed=bucket, dtype=dtype)
+        exclude = torch.arange(b) * 7
+        for cfg in cands:
+            s, i = m.ip_topk_triton(q, x, 9, exclude, **cfg)
+            rs, ri = ip_topk_reference(q, x, 9, exclude)
+            assert torch.equal(s, rs) and torch.equal(i, ri), cfg
+    monkeypatch.setenv("REALM_HPC_KERNELS", "triton")  # and the entry point, with its own choice of config
+    q, x = int_data(20, 150, 40, seed=9)
+    assert torch.equal(ip_topk(q, x, 9, exclude)[1], ip_topk_reference(q, x, 9, exclude)[1])
+
+
+@pytest.mark.parametrize("c,k,desc", [(8, 8, True), (64, 8, False), (32, 16, True), (16, 16, False)])
+@pytest.mark.usefixtures("triton_cpu")
+def test_topk_network(c, k, desc):
+    """The bitonic top-k the merge is built from, alone: int64 keys with repeats, both directions."""
+    g = torch.Generator().manual_seed(c + k)
+    x = torch.randint(-(2**62), 2**62, (16, c), generator=g)
+    x[:, ::3] = x[:, :1]  # repeated keys
+    x[0] = -(2**63)  # an all-empty row (KEY_MIN)
+    out = torch.empty(16, k, dtype=torch.int64)
+    _topk_rows()[(1,)](x, out, C=c, K=k, DESC=desc)
+    want = x.topk(k, dim=1).values
+    assert torch.equal(out, want if desc else want.flip(1))
+
+
+@pytest.mark.usefixtures("triton_cpu")
+def test_threshold_filter_lets_few_tiles_through():
+    """Past the first tiles a tile rarely beats every query's k-th best: the pack/merge branch is the exception."""
+    torch.manual_seed(6)
+    q, x = torch.randn(1, 32), torch.randn(2048, 32)
+    merges = torch.zeros(1, dtype=torch.int32)
+    s, i = _kernel()._ip_topk_forward(q, x, 8, merges=merges, splits=1, block_b=16, block_n=16)
+    assert 1 <= int(merges) <= 128 // 3, int(merges)  # of 128 tiles: 33 here, ~8 ln(N / 8) insertions at most
+    assert torch.equal(i, ip_topk_reference(q, x, 8)[1])
 
 
 # ------------------------------------------------------------------------------------------------------- GPU

@@ -98,3 +98,9 @@ def test_kernels_imports_nothing_from_realm_hpc():
             names = [a.name for a in node.names] if isinstance(node, ast.Import) else \
                 [node.module or ""] if isinstance(node, ast.ImportFrom) else []
             assert not any(n.split(".")[0] == "realm_hpc" for n in names), path
+
+
+def test_d_above_256_runs_the_reference(monkeypatch, calls):
+    monkeypatch.setenv("REALM_HPC_KERNELS", "triton")
+    kernels.ip_topk(torch.randn(1, 300), torch.randn(50, 300), 5)
+    assert calls == ["ip_topk_reference"]
