@@ -132,6 +132,12 @@ class TrainConfig:
     # vocabulary instead of copying (wiki, README).
     warmup_loss: str = "marginal"
     retriever_freeze_steps: int = 0  # REALM steps with the retriever frozen after the warm-up
+    # From the reader warm-up on, the doc encoder keeps its start weights (after ICT) and only the query encoder
+    # learns: the index then stays exact without a refresh, REALM scores the top-k from it instead of re-encoding
+    # them, and the final index is the start's (no re-encode). REALM's stale-index gradient reaches a trained doc
+    # encoder only through the re-scored top-k; with no refresh in a short run it moves the doc encoder away from
+    # the index it searches (wiki, README).
+    freeze_doc_encoder: bool = False
     seed: int = 0
     log_every: int = 10
     eval_every: int = 100
@@ -146,6 +152,8 @@ class TrainConfig:
 @dataclass(kw_only=True)
 class EvalConfig:
     closed_book_baseline: bool = False  # also train the reader closed-book with the same budget
+    # Also BM25 (bm25s) over the run's documents on the test split: gold recall@1/k/20 beside the dense retriever's
+    bm25_baseline: bool = False
     batch_size: int = 32
 
 

@@ -107,9 +107,10 @@ def load_checkpoint_dir(ckpt: str | Path):
 
 
 def build_index_dir(out: str | Path, overrides: list[str], run: str | None = None, checkpoint: str | None = None,
-                    corpus: str | None = None) -> tuple[Config, int]:
+                    corpus: str | None = None, start: bool = False) -> tuple[Config, int]:
     """`build-index`: encode a run's corpus with its doc encoder (`run`), or a new `corpus` with a checkpoint's
-    (`checkpoint`), into the index directory `out`. Returns the config used and the document count."""
+    (`checkpoint`), into the index directory `out`. `start` (with `run`): the retriever the run started REALM from
+    instead of its checkpoint's (train.rebuild_start). Returns the config used and the document count."""
     import tempfile
 
     from realm_hpc.data.blocks import BlockStore
@@ -120,8 +121,16 @@ def build_index_dir(out: str | Path, overrides: list[str], run: str | None = Non
     if run:
         cfg, data, model = load_run(run)
         cfg = apply_overrides(cfg, overrides)
-        build_index(model, data.blocks, data.tokenizer, cfg, out, texts=[d.text for d in data.docs])
+        embeddings = None
+        if start:
+            from realm_hpc.train import rebuild_start
+
+            model, embeddings = rebuild_start(cfg, data)
+        build_index(model, data.blocks, data.tokenizer, cfg, out, texts=[d.text for d in data.docs],
+                    embeddings=embeddings)
         return cfg, len(data.blocks)
+    if start:
+        raise ConfigError("build-index --start needs --run DIR (the run's config rebuilds its start)")
     cfg, tokenizer, model = load_checkpoint_dir(checkpoint)
     cfg = apply_overrides(cfg, overrides)
     docs = read_corpus(corpus)

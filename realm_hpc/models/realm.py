@@ -40,6 +40,21 @@ class Realm(nn.Module):
         self.cfg = cfg
         self.retriever = Retriever(cfg.model, vocab_size)
         self.reader = Reader(cfg.model, vocab_size)
+        self.doc_frozen = False
+
+    def freeze_doc_encoder(self) -> None:
+        """The doc encoder keeps its weights from here on (train.freeze_doc_encoder): no gradient, and no dropout
+        either (eval mode, as the index was encoded), so the index holds exactly its embeddings and the top-k's are
+        read from there instead of re-encoded."""
+        self.doc_frozen = True
+        self.retriever.doc.requires_grad_(False)
+        self.retriever.doc.eval()
+
+    def train(self, mode: bool = True) -> "Realm":
+        super().train(mode)
+        if self.doc_frozen:
+            self.retriever.doc.eval()
+        return self
 
     @property
     def device(self) -> torch.device:
@@ -74,7 +89,9 @@ class Realm(nn.Module):
                     stale_scores, ids = None, docs.to(device)
                     if k > ids.size(1):  # given docs (one each: the source block) + the top searched ones
                         ids = torch.cat([ids, index.search(q, k - ids.size(1), ids[:, 0])[1]], dim=1)
-                if train_retriever or stale_scores is None:
+                if self.doc_frozen:  # the index is exact: the gradient reaches f(x) through g(z) read from it
+                    parts_scores.append(torch.einsum("bp,bkp->bk", q, index.embeddings_of(ids).to(q.dtype)))
+                elif train_retriever or stale_scores is None:
                     blocks = data.blocks.batch(ids.flatten().tolist())
                     g = self.retriever.doc(blocks["input_ids"].to(device),
                                            blocks["attention_mask"].to(device)).view(B, ids.size(1), -1)

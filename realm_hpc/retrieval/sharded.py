@@ -74,6 +74,20 @@ class ShardedIndex(LiveIndex):
         out = top_scores[mine:mine + q.shape[0]], top_ids[mine:mine + q.shape[0]]
         return out[0].to(queries.device), out[1].to(queries.device)
 
+    def embeddings_of(self, ids: torch.Tensor) -> torch.Tensor:
+        """Collective: every trainer's ids are gathered, each fills the rows of its shard, a sum over the trainers
+        completes them."""
+        emb = self.snapshot.embeddings
+        parts = _all_gather_rows(ids.reshape(-1), self.group)
+        mine = sum(len(p) for p in parts[: self.group.rank])
+        wanted = torch.cat(parts).to(emb.device)
+        inside = (wanted >= self.rows.start) & (wanted < self.rows.stop)
+        out = torch.zeros(len(wanted), emb.shape[1], dtype=emb.dtype, device=emb.device)
+        out[inside] = emb[wanted[inside] - self.rows.start]
+        out = out.to(self.group.comm_device)
+        dist.all_reduce(out)
+        return out[mine:mine + ids.numel()].reshape(*ids.shape, -1).to(ids.device)
+
     def full_embeddings(self) -> torch.Tensor:
         """All N rows (collective), e.g. for a checkpoint."""
         return torch.cat(_all_gather_rows(self.snapshot.embeddings, self.group))

@@ -50,6 +50,9 @@ SCRIPT = textwrap.dedent("""
     s2, i2 = sharded.search(queries[mine], k)
     assert torch.equal(i2, kernels.ip_topk(queries[mine], full, k)[1])
     assert torch.equal(full_embeddings(sharded), full)
+    # A frozen doc encoder's top-k rows read from the index (each trainer asks for its own ids, any shard's).
+    ids = e_ids if group.rank == 0 else e_ids[:, :3]
+    assert torch.equal(sharded.embeddings_of(ids), full[ids]) and torch.equal(replicated.embeddings_of(ids), full[ids])
     print(f"OK rank {group.rank}", flush=True)
     torch.distributed.destroy_process_group()  # gloo aborts at exit with a live group
 """)
