@@ -138,6 +138,10 @@ class TrainConfig:
     # encoder only through the re-scored top-k; with no refresh in a short run it moves the doc encoder away from
     # the index it searches (wiki, README).
     freeze_doc_encoder: bool = False
+    # With freeze_doc_encoder: REALM's loss + this x mean ||f(x) - g(x)||^2 over each batch's queries with their masked
+    # tokens put back. The frozen g is where f started (both encoders start as one when ict.steps=0), so f keeps its
+    # ranking of plain sentences and questions while it learns the cloze queries (wiki, README). 0 = off.
+    query_anchor: float = 0.0
     seed: int = 0
     log_every: int = 10
     eval_every: int = 100
@@ -214,6 +218,9 @@ class Config:
             (self.train.batch_size >= 1, "train.batch_size must be >= 1"),
             (self.train.grad_accum >= 1, "train.grad_accum must be >= 1"),
             (self.train.warmup_loss in ("marginal", "per_doc"), "train.warmup_loss must be 'marginal' or 'per_doc'"),
+            (self.train.query_anchor >= 0 and (self.train.query_anchor == 0 or self.train.freeze_doc_encoder),
+             "train.query_anchor must be >= 0 and needs train.freeze_doc_encoder=true (the frozen doc encoder is the "
+             "anchor)"),
             (0.0 <= self.model.dropout < 1.0, "model.dropout must be in [0, 1)"),
             (0.0 <= self.data.world_alias_rate <= 1.0, "data.world_alias_rate must be in [0, 1]"),
             (self.data.eval_examples >= 1 and self.data.dev_examples >= 0,

@@ -84,15 +84,22 @@ def start_index(model: Realm, data: PretrainData, cfg: Config, group: TrainerGro
     return index_from_full(emb, 0, 0, group, cfg.index.sharded, device)
 
 
-def rebuild_start(cfg: Config, data: PretrainData) -> tuple[Realm, torch.Tensor]:
-    """The retriever a run with ict.steps=0 starts REALM from, rebuilt from its config (`build-index --start`): the
-    run's seeded initialisation (or pretrained weights) and, with model.proj_init=pca, the same projection; with the
-    start index's embeddings [N, D] (one pass over the corpus). An ICT-trained start is kept nowhere: refused."""
+def rebuild_start(cfg: Config, data: PretrainData,
+                  frozen: tuple[Realm, torch.Tensor] | None = None) -> tuple[Realm, torch.Tensor]:
+    """The retriever a run with ict.steps=0 starts REALM from, rebuilt (`build-index --start`), with the start index's
+    embeddings [N, D]: the run's seeded initialisation (or pretrained weights) and, with model.proj_init=pca, the same
+    projection (one pass over the corpus). `frozen`: the run's (model, index) when its doc encoder was frozen; both
+    encoders start as one (Retriever, init_projection_pca) and the doc encoder kept its start, so the start is the
+    doc encoder on both sides and that index, and nothing is encoded. An ICT-trained start is kept nowhere: refused."""
     from realm_hpc.config import ConfigError
 
     if cfg.ict.steps > 0:
         raise ConfigError(f"build-index --start: the run trained its retriever with ICT first (ict.steps="
                           f"{cfg.ict.steps}); only a run with ict.steps=0 starts REALM from weights its config rebuilds")
+    if frozen is not None:
+        model, embeddings = frozen
+        model.retriever.query.load_state_dict(model.retriever.doc.state_dict())
+        return model, embeddings
     torch.manual_seed(cfg.train.seed)  # as Pretrainer.run before it builds the model
     model = Realm(cfg, data.vocab_size).eval()
     return model, full_embeddings(start_index(model, data, cfg))

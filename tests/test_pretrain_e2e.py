@@ -293,10 +293,20 @@ def test_frozen_doc_encoder_keeps_the_start_index_and_build_index_start_rebuilds
 
     cfg = load_config(str(out / "config.json"))
     data = PretrainData(cfg, out, build=False)
-    model, emb = train.rebuild_start(cfg, data)
+    model, emb = train.rebuild_start(cfg, data)  # from the config (one pass over the corpus), not the checkpoint
     assert recall_at_k(model, data, LiveIndex(IndexSnapshot(emb, 0, 0)), 8, split="test") == summary[
         "test_recall_at_8_start"]
+    torch.testing.assert_close(emb, start.embeddings(), atol=1e-5, rtol=1e-5)
+    with torch.no_grad():  # ... and equals the start that build-index took from the frozen run's checkpoint
+        torch.testing.assert_close(model.retriever.query(*_encoded(data, questions)), start.embed(questions),
+                                   atol=1e-5, rtol=1e-5)
     with pytest.raises(SystemExit) as exit_:
         main(["build-index", "--run", str(tmp_path / "nowhere"), "--start", "--backend", "bm25", "--out",
               str(tmp_path / "x")])
     assert exit_.value.code == 2
+
+
+def _encoded(data, questions):
+    enc = data.tokenizer(questions, truncation=True, max_length=data.cfg.model.query_len, padding=True,
+                         return_tensors="pt")
+    return enc["input_ids"], enc["attention_mask"]
