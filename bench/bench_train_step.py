@@ -13,6 +13,8 @@ fresh_index, InlineRefresher) and timed phase by phase, the retriever trained (n
 - fwd_bwd: the REALM forward less the search (query encoder, re-encode of the retrieved docs, reader inputs, reader,
   marginal) and the backward;
 - optimizer: gradient clipping, AdamW step, LR schedule, zero_grad.
+The trainer's device is the recipe's train.device (auto: the GPU when torch sees one; `--set train.device=cpu`);
+on a GPU every phase boundary synchronizes the device, so each phase is charged its own kernels.
 Refresh is inline (single process): the time a refresh costs shows up as wait on the steps that re-encode, so
 index phases are reported as means per step (amortised over refresh.every) beside p20/p50/p80.
 Writes results.json (per-step times too), results.csv and one Markdown table. Not a test: no asserts.
@@ -35,6 +37,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from bench import utils  # noqa: E402  (after the sys.path insert: this file also runs as a script)
+from realm_hpc.device import trainer_device  # noqa: E402
 from realm_hpc.models.realm import Realm  # noqa: E402
 from realm_hpc.retrieval.refresh import InlineRefresher  # noqa: E402
 from realm_hpc.train import build_optimizer, fresh_index  # noqa: E402
@@ -66,16 +69,34 @@ def config(quick_run: bool = False, **overrides) -> TrainStepBench:
 
 
 class _TimedIndex:
-    """LiveIndex as Realm.forward sees it, adding up the time its searches take."""
+    """LiveIndex as Realm.forward sees it, adding up the time its searches take (``sync``: wait for the device)."""
 
-    def __init__(self, live):
-        self.live, self.spent = live, 0.0
+    def __init__(self, live, sync):
+        self.live, self.sync, self.spent = live, sync, 0.0
 
     def search(self, *args, **kwargs):
+        self.sync()
         t = time.perf_counter()
         out = self.live.search(*args, **kwargs)
+        self.sync()
         self.spent += time.perf_counter() - t
         return out
+
+
+def _clock(device: torch.device):
+    """time.perf_counter after the device's queued work is done: CUDA kernels run asynchronously, and a phase
+    must not be charged for the kernels its predecessor queued."""
+    if device.type != "cuda":
+        return time.perf_counter, lambda: None
+
+    def sync():
+        torch.cuda.synchronize(device)
+
+    def clock():
+        sync()
+        return time.perf_counter()
+
+    return clock, sync
 
 
 def run(cfg: TrainStepBench) -> dict:
@@ -84,36 +105,38 @@ def run(cfg: TrainStepBench) -> dict:
     t_start = time.perf_counter()
     mcfg, data = utils.recipe_data(cfg.recipe, [*cfg.overrides, "refresh.mode=inline"], out)
     torch.manual_seed(mcfg.train.seed)
-    model = Realm(mcfg, data.vocab_size)
+    device = trainer_device(mcfg.train.device)
+    clock, sync = _clock(device)
+    model = Realm(mcfg, data.vocab_size).to(device)  # initialised on the CPU, as Pretrainer does: same weights
     model.train()
     k = mcfg.retrieval.k
     opt, sched = build_optimizer(model, mcfg, mcfg.optim.lr * mcfg.optim.retriever_lr_scale)
     live = fresh_index(model, data, mcfg, 1, 0)
-    timed = _TimedIndex(live)
+    timed = _TimedIndex(live, sync)
     refresher = InlineRefresher(data.blocks, mcfg.refresh.every, mcfg.refresh.batch_size)
-    meta = utils.run_meta(torch.device("cpu"), packages=("torch", "numpy", "transformers"))
+    meta = utils.run_meta(device, packages=("torch", "numpy", "transformers"))
     meta["config"] = dataclasses.asdict(cfg)
     meta["model"] = {"recipe": mcfg.recipe, "corpus_docs": len(data.blocks), "batch_size": mcfg.train.batch_size,
                      "k": k, "refresh_every": mcfg.refresh.every, "refresh_mode": "inline",
-                     "params": sum(p.numel() for p in model.parameters())}
+                     "params": sum(p.numel() for p in model.parameters()), "device": str(device)}
     print(f"{meta['device']}  sha {meta['git_sha']}  {len(data.blocks)} docs, batch {mcfg.train.batch_size}, "
           f"k {k}, refresh every {mcfg.refresh.every}", flush=True)
     steps = []
     for step in range(cfg.warmup + cfg.repeats):
-        t0 = time.perf_counter()
+        t0 = clock()
         event = refresher.step_boundary(step, model.retriever.doc, live)
-        t1 = time.perf_counter()
-        batch = data.train_batch(step, mcfg.train.batch_size, mcfg.train.seed)
-        t2 = time.perf_counter()
+        t1 = clock()
+        batch = data.train_batch(step, mcfg.train.batch_size, mcfg.train.seed).to(device)
+        t2 = clock()
         timed.spent = 0.0
         loss = -model(batch, data, timed, k, train_retriever=True).log_marginal.mean()
         loss.backward()
-        t3 = time.perf_counter()
+        t3 = clock()
         torch.nn.utils.clip_grad_norm_(model.parameters(), mcfg.optim.grad_clip)
         opt.step()
         sched.step()
         opt.zero_grad(set_to_none=True)
-        t4 = time.perf_counter()
+        t4 = clock()
         if not math.isfinite(loss.item()):
             raise RuntimeError(f"bench train-step: loss is {loss.item()} at step {step}")
         if step >= cfg.warmup:

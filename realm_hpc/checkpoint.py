@@ -7,6 +7,7 @@ over its target (rename is atomic within one file system, a copy is not).
 from __future__ import annotations
 
 import json
+import math
 import os
 import pickle
 import random
@@ -56,7 +57,7 @@ def atomic_write(path: str | os.PathLike, write_fn: Callable[[BinaryIO], Any]) -
     except BaseException:
         try:
             os.unlink(tmp)
-        except FileNotFoundError:
+        except OSError:  # a second error here would hide the first
             pass
         raise
     fsync_path(path.parent)
@@ -67,8 +68,20 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
     return atomic_write(path, lambda f: f.write(text.encode("utf-8")))
 
 
+def json_safe(obj: Any) -> Any:
+    """`obj` with every non-finite float as None: JSON has no NaN or Infinity, and strict readers (jq, JSON.parse,
+    Go) refuse the bare `NaN` Python's json writes by default. A recall with no gold example is 'none', not a number."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [json_safe(v) for v in obj]
+    return obj
+
+
 def atomic_write_json(path: str | os.PathLike, obj: Any) -> Path:
-    return atomic_write_text(path, json.dumps(obj, indent=2) + "\n")
+    return atomic_write_text(path, json.dumps(json_safe(obj), indent=2, allow_nan=False) + "\n")
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -188,8 +201,14 @@ def save_checkpoint(ckpt_dir: str | os.PathLike, state: dict) -> Path:
     return ckpt_dir / STATE_FILE
 
 
-def load_checkpoint(ckpt_dir: str | os.PathLike) -> dict:
-    """Load the newest complete checkpoint under `ckpt_dir` on CPU with `weights_only=True`.
+def has_checkpoint(ckpt_dir: str | os.PathLike) -> bool:
+    """Whether a complete checkpoint is there (or where a crash left it)."""
+    return _find_state_file(Path(ckpt_dir)) is not None
+
+
+def load_checkpoint(ckpt_dir: str | os.PathLike, mmap: bool = False) -> dict:
+    """Load the newest complete checkpoint under `ckpt_dir` on CPU with `weights_only=True`. mmap: tensors stay in
+    the file until touched (a cheap look at its small entries).
 
     Raises FileNotFoundError if there is none, ValueError (naming the file) if it cannot be unpickled.
     """
@@ -198,7 +217,7 @@ def load_checkpoint(ckpt_dir: str | os.PathLike) -> dict:
     if path is None:
         raise FileNotFoundError(f"no checkpoint at {ckpt_dir / STATE_FILE}")
     try:
-        return torch.load(path, weights_only=True, map_location="cpu")
+        return torch.load(path, weights_only=True, map_location="cpu", mmap=mmap)
     except (PermissionError, FileNotFoundError):
         raise
     # A truncated zip surfaces as OSError(EINVAL) from a seek, a garbled one as RuntimeError or UnpicklingError.
@@ -228,6 +247,22 @@ def save_trainer_checkpoint(run_dir: Path, group, stepper, tag: str, state: Call
         if stepper is not None:
             stepper.prune(run_dir, tag)
     barrier(group)
+
+
+def load_weights(model: torch.nn.Module, state: dict, where: str | os.PathLike) -> None:
+    """`model.load_state_dict(state)`, or one ValueError naming `where` (the checkpoint) and the parameters that do
+    not fit, with their shapes: torch's own error puts all of that after the first line."""
+    own = model.state_dict()
+    wrong = [f"{k} {tuple(state[k].shape)} in the checkpoint vs {tuple(v.shape)}" for k, v in own.items()
+             if k in state and tuple(state[k].shape) != tuple(v.shape)]
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    problems = [*wrong, *(f"{k} missing" for k in missing), *(f"{k} unexpected" for k in unexpected)]
+    if problems:
+        more = f" (+{len(problems) - 2} more)" if len(problems) > 2 else ""
+        raise ValueError(f"{where}: the checkpoint does not fit the model its config builds: {'; '.join(problems[:2])}"
+                         f"{more}; was config.json changed, or the checkpoint taken from another run?")
+    model.load_state_dict(state)
 
 
 def set_trainer_rng_state(ckpt: dict, group) -> None:

@@ -29,6 +29,8 @@ def _parser() -> argparse.ArgumentParser:
     pre.add_argument("--steps", type=int, help="REALM steps (overrides train.steps)")
     pre.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config field")
     pre.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")
+    pre.add_argument("--overwrite", action="store_true",
+                     help="replace the run in --out (without it, an --out that holds a run is refused)")
     pre.add_argument("--refreshers", type=int,
                      help="the last M MPI ranks re-encode the corpus, a shard each (sets refresh.mode=mpi; "
                           "default 1 when the recipe's refresh.mode is mpi)")
@@ -44,6 +46,8 @@ def _parser() -> argparse.ArgumentParser:
     ft.add_argument("--out", required=True, help="fine-tune run directory")
     ft.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config field")
     ft.add_argument("--resume", action="store_true", help="continue the fine-tune in --out from its checkpoint")
+    ft.add_argument("--overwrite", action="store_true",
+                    help="replace the run in --out (without it, an --out that holds a run is refused)")
     ft.add_argument("--deepspeed-config", metavar="JSON",
                     help="DeepSpeed JSON for the trainers (sets train.deepspeed; several trainers default to ZeRO-2)")
 
@@ -113,7 +117,27 @@ def _parser() -> argparse.ArgumentParser:
         if name == "refresh":
             bp.add_argument("--docs", type=int, help="documents re-encoded per timed pass")
             bp.add_argument("--batch-size", type=int, help="documents per forward (default refresh.batch_size)")
+    st = bsub.add_parser("staleness", help="the stale-index ablation: one recipe pretrained at several refresh "
+                                           "intervals (+ the MPI refresher at one), a row per run")
+    st.add_argument("--quick", action="store_true", help="a small world, <= 15 min on 2 cores")
+    st.add_argument("--out", help="output directory, a run per row in it (default runs/bench/staleness)")
+    st.add_argument("--recipe", help="the recipe every row pretrains (default demo)")
+    st.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config field")
+    st.add_argument("--intervals", nargs="+", type=_refresh_every, metavar="N|never",
+                    help="refresh.every of the inline rows (default 25 100 400 never)")
+    st.add_argument("--mpi-intervals", nargs="*", type=_refresh_every, metavar="N",
+                    help="of those, the ones also run with the MPI refresher (default 25; none: no MPI row)")
     return p
+
+
+def _refresh_every(text: str) -> int:
+    """refresh.every as the bench takes it: a step count, or 'never' (0)."""
+    if text == "never":
+        return 0
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a step count or 'never', got {text!r}") from None
 
 
 PREEMPTIBLE = {"pretrain", "finetune"}
@@ -122,7 +146,7 @@ PREEMPTIBLE = {"pretrain", "finetune"}
 def main(argv: list[str] | None = None) -> None:
     args = _parser().parse_args(argv)
     try:
-        # SIGUSR1/SIGTERM -> checkpoint at the next step boundary; other commands keep the default (terminate).
+        # SIGUSR1/SIGTERM/SIGINT -> checkpoint at the next step boundary; other commands keep the default.
         with preempt.handlers() if args.command in PREEMPTIBLE else nullcontext():
             {"pretrain": cmd_pretrain, "finetune": cmd_finetune, "evaluate": cmd_evaluate, "export": cmd_export,
              "build-index": cmd_build_index, "retrieve": cmd_retrieve, "bench": cmd_bench,
@@ -131,8 +155,16 @@ def main(argv: list[str] | None = None) -> None:
         # Not an error: a clean exit that job scripts (slurm/*.sbatch) answer with a requeue and --resume.
         print(f"{e}; exit {preempt.EXIT_PREEMPTED}, continue with --resume", file=sys.stderr, flush=True)
         sys.exit(preempt.EXIT_PREEMPTED)
-    except (ConfigError, FileNotFoundError, ValueError) as e:
+    except KeyboardInterrupt:
+        # Ctrl-C outside a training loop, or a second one inside: stop now, the last checkpoint stays as it was.
+        kept = " (a second Ctrl-C stops at once: the last checkpoint, if any, is kept)" if args.command in PREEMPTIBLE \
+            else ""
+        _fail(f"interrupted{kept}", code=preempt.EXIT_INTERRUPTED)
+    except (ConfigError, ValueError) as e:
         _fail(f"error: {e}", code=2)
+    except OSError as e:  # the environment: a missing file, no permission, a full disk, a file where a dir should be
+        where = f"{e.filename}: " if e.filename and e.strerror else ""
+        _fail(f"error: {where}{e.strerror if where else e}", code=2 if isinstance(e, FileNotFoundError) else 1)
     except RuntimeError as e:
         _fail(f"error: {e}", code=1)
 
@@ -153,7 +185,7 @@ def cmd_pretrain(args) -> None:
 
     cfg = pretrain_config(args.out, args.recipe, args.set, resume=args.resume, steps=args.steps,
                           refreshers=args.refreshers, deepspeed_config=args.deepspeed_config)
-    pretrain(cfg, Path(args.out), resume=args.resume, refreshers=args.refreshers)
+    pretrain(cfg, Path(args.out), resume=args.resume, refreshers=args.refreshers, overwrite=args.overwrite)
 
 
 def cmd_refresher(args) -> None:
@@ -168,7 +200,7 @@ def cmd_finetune(args) -> None:
 
     cfg = finetune_config(args.out, args.recipe, args.pretrained, args.set, resume=args.resume,
                           deepspeed_config=args.deepspeed_config)
-    finetune(cfg, Path(args.out), resume=args.resume)
+    finetune(cfg, Path(args.out), resume=args.resume, overwrite=args.overwrite)
 
 
 def cmd_evaluate(args) -> None:
@@ -235,6 +267,8 @@ def cmd_retrieve(args) -> None:
 
     if bool(args.question) == bool(args.queries):
         raise ConfigError("retrieve needs a question or --queries FILE (not both)")
+    if args.question is not None and not args.question.strip():  # --queries files refuse blank questions too
+        raise ConfigError("retrieve: the question is blank (give a question or --queries FILE)")
     if args.out and not args.queries:
         raise ConfigError("--out goes with --queries")
     if args.batch_size < 1:
@@ -261,6 +295,9 @@ def cmd_bench(args) -> None:
         cfg = bench.config(quick_run=args.quick, out=args.out, backends=args.backends, batch_sizes=args.batch_sizes,
                            n=args.n, dim=args.dim, dtypes=args.dtype, index=args.index, k=args.k, nprobe=args.nprobe,
                            min_repeats=args.repeats, seed=args.seed)
+    elif args.bench_command == "staleness":
+        cfg = bench.config(quick_run=args.quick, out=args.out, recipe=args.recipe, overrides=args.set or None,
+                           intervals=args.intervals, mpi_intervals=args.mpi_intervals)
     else:
         extra = dict(docs=args.docs, batch_size=args.batch_size) if args.bench_command == "refresh" else {}
         cfg = bench.config(quick_run=args.quick, out=args.out, recipe=args.recipe, overrides=args.set or None,

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -67,7 +68,9 @@ class RetrievalConfig:
 @dataclass(kw_only=True)
 class RefreshConfig:
     mode: str = "inline"  # inline | mpi
-    every: int = 50  # steps between index refreshes
+    # steps between index refreshes; 0 = never: the index built after ICT stays for the whole run (the stale-index
+    # ablation's floor, realm-hpc bench staleness), in both modes
+    every: int = 50
     batch_size: int = 128  # documents per encoder forward while re-encoding
     max_staleness: int = 200  # warn when the live index was built from weights older than this many steps
     timeout_s: float = 300.0  # mpi: a refresh in flight this long means the refreshers died; train on without them
@@ -82,6 +85,9 @@ class IndexConfig:
     """Where the training index lives (`sharded`) and the saved index `build-index` writes
     (realm_hpc/retrieval/store.py); 0 = the backend's own default."""
     sharded: bool = False  # with several trainers: each holds 1/T of the index, queries are all-gathered
+    # fp32 | bf16: the training index the trainers hold and search (bf16: half the memory, meant for GPUs; the
+    # retrieved top-k is re-scored by the current encoders wherever the retriever trains)
+    live_dtype: str = "fp32"
     backend: str = "exact"  # exact | faiss-flat | faiss-ivfpq (IndexIVFPQ + IndexRefineFlat re-rank)
     dtype: str = "fp32"  # embeddings.npy storage: fp32 | fp16 | bf16 (bf16 bits stored as uint16)
     nlist: int = 0  # faiss-ivfpq inverted lists (0 = 2 sqrt(N))
@@ -151,6 +157,9 @@ class TrainConfig:
     # auto | cpu | cuda: where a trainer (pretraining and fine-tuning) keeps its model and batches. auto = this
     # trainer's own GPU when CUDA is there and the node has a GPU per trainer, else the CPU (realm_hpc/device.py)
     device: str = "auto"
+    # torch.use_deterministic_algorithms + CUBLAS_WORKSPACE_CONFIG in trainers and refreshers (realm_hpc/device.py):
+    # on a GPU, the same run gives the same losses (scatter_add_ and the embedding backward otherwise vary)
+    deterministic: bool = False
 
 
 @dataclass(kw_only=True)
@@ -206,13 +215,31 @@ class Config:
         return dataclasses.asdict(self)
 
     def validate(self) -> "Config":
+        m = self.model
         checks = [
+            *_finite_floats(self),
+            *_at_least(self, 1, "model.hidden", "model.layers", "model.heads", "model.intermediate", "model.proj_dim",
+                       "model.vocab_size", "model.query_len", "ict.batch_size", "ict.eval_every", "ict.patience",
+                       "train.steps", "train.reader_warmup_k", "train.log_every", "train.eval_every",
+                       "train.checkpoint_every", "refresh.batch_size", "eval.batch_size", "qa.steps",
+                       "qa.phrasings_per_fact", "data.world_people", "data.world_orgs", "data.world_cities",
+                       "data.world_surnames", "data.eval_examples"),
+            *_at_least(self, 0, "ict.steps", "train.reader_warmup_steps", "train.retriever_freeze_steps",
+                       "optim.warmup_steps", "optim.weight_decay", "optim.retriever_lr_scale", "qa.warmup_steps",
+                       "qa.retriever_lr_scale", "qa.eval_examples", "refresh.max_staleness", "refresh.timeout_s",
+                       "data.heldout_facts", "data.dev_examples"),
+            *_positive(self, "optim.lr", "optim.head_lr_scale", "optim.grad_clip", "ict.lr", "qa.lr"),
+            (0.0 <= self.ict.keep_sentence_prob <= 1.0, "ict.keep_sentence_prob must be in [0, 1]"),
+            (m.hidden % m.heads == 0 if m.heads >= 1 else True,
+             f"model.hidden={m.hidden} is not divisible by model.heads={m.heads}"),
+            # [CLS] title [SEP] text [SEP]: room for at least one token of text
+            (m.block_len >= 4, f"model.block_len={m.block_len}: a block needs at least 4 tokens"),
             (self.refresh.mode in ("inline", "mpi"), "refresh.mode must be 'inline' or 'mpi'"),
             (self.retrieval.k >= 1, "retrieval.k must be >= 1"),
             (self.model.pooling in ("cls", "mean"), "model.pooling must be 'cls' or 'mean'"),
             (self.model.proj_init in ("random", "pca"), "model.proj_init must be 'random' or 'pca'"),
             (self.model.pca_score_scale > 0, "model.pca_score_scale must be > 0"),
-            (self.refresh.every >= 1, "refresh.every must be >= 1"),
+            (self.refresh.every >= 0, "refresh.every must be >= 0 (0 = never refresh)"),
             (self.train.device in DEVICES, "train.device must be 'auto', 'cpu' or 'cuda'"),
             (self.refresh.device in DEVICES, "refresh.device must be 'auto', 'cpu' or 'cuda'"),
             (self.train.batch_size >= 1, "train.batch_size must be >= 1"),
@@ -223,12 +250,11 @@ class Config:
              "anchor)"),
             (0.0 <= self.model.dropout < 1.0, "model.dropout must be in [0, 1)"),
             (0.0 <= self.data.world_alias_rate <= 1.0, "data.world_alias_rate must be in [0, 1]"),
-            (self.data.eval_examples >= 1 and self.data.dev_examples >= 0,
-             "data.eval_examples must be >= 1 and data.dev_examples >= 0"),
             (self.model.query_len < self.model.reader_len, "model.query_len must be < model.reader_len"),
             (self.index.backend in ("exact", "faiss-flat", "faiss-ivfpq"),
              "index.backend must be 'exact', 'faiss-flat' or 'faiss-ivfpq'"),
             (self.index.dtype in ("fp32", "fp16", "bf16"), "index.dtype must be 'fp32', 'fp16' or 'bf16'"),
+            (self.index.live_dtype in ("fp32", "bf16"), "index.live_dtype must be 'fp32' or 'bf16'"),
             (min(self.index.nlist, self.index.m, self.index.nprobe) >= 0 and self.index.k_factor >= 1,
              "index.nlist, index.m, index.nprobe must be >= 0 and index.k_factor >= 1"),
             (self.qa.k >= 1, "qa.k must be >= 1"),
@@ -243,6 +269,31 @@ class Config:
             if not ok:
                 raise ConfigError(message)
         return self
+
+
+def _value(cfg: Config, key: str) -> Any:
+    section, name = key.split(".")
+    return getattr(getattr(cfg, section), name)
+
+
+def _at_least(cfg: Config, low: int, *keys: str) -> list[tuple[bool, str]]:
+    return [(_value(cfg, k) >= low, f"{k}={_value(cfg, k)}: must be >= {low}") for k in keys]
+
+
+def _positive(cfg: Config, *keys: str) -> list[tuple[bool, str]]:
+    return [(_value(cfg, k) > 0, f"{k}={_value(cfg, k)}: must be > 0") for k in keys]
+
+
+def _finite_floats(cfg: Config) -> list[tuple[bool, str]]:
+    """nan and inf parse as floats, and no knob means them (nan would also slip through every comparison)."""
+    out = []
+    for part in dataclasses.fields(cfg):
+        section = getattr(cfg, part.name)
+        for f in dataclasses.fields(section) if dataclasses.is_dataclass(section) else ():
+            value = getattr(section, f.name)
+            if type(value) is float:
+                out.append((math.isfinite(value), f"{part.name}.{f.name}={value}: must be a finite number"))
+    return out
 
 
 def _parse_value(key: str, raw: str, current: Any) -> Any:

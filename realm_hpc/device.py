@@ -1,4 +1,5 @@
-"""Where a process computes: a trainer's device (`train.device`) and a refresher's (`refresh.device`).
+"""Where a process computes: a trainer's device (`train.device`) and a refresher's (`refresh.device`), and whether
+its CUDA kernels must give the same results on every run (`train.deterministic`).
 
 auto | cpu | cuda. A trainer under auto takes the GPU of its node-local rank when CUDA is there and the node has a
 GPU for every trainer on it: nccl (the trainers' backend on GPUs) refuses two ranks on one GPU, so with fewer GPUs
@@ -90,3 +91,23 @@ def group_device(group, spec: str) -> torch.device:
     """A trainer's device: its group's when the CLI made the group (chosen with LOCAL_RANK known), else `spec`
     (train.device) resolved here."""
     return torch.device(group.device) if group.device else trainer_device(spec)
+
+
+# cuBLAS's setting for reproducible results (NVIDIA's docs; torch raises on a cuBLAS call in deterministic mode without
+# it). cuBLAS reads it when CUDA creates its handles, so it must be in the environment before CUDA initialises.
+CUBLAS_WORKSPACE_CONFIG = ":4096:8"
+
+
+def set_deterministic(enabled: bool) -> None:
+    """train.deterministic: torch.use_deterministic_algorithms for this process (on or off: the config decides), and
+    with it CUBLAS_WORKSPACE_CONFIG unless the environment sets one. Call before anything touches CUDA: the launch
+    does so first in every trainer and refresher. On CUDA it makes e.g. the copy head's scatter_add_ and the
+    embedding backward deterministic (a few percent slower); an op with no deterministic CUDA kernel then raises
+    instead of running. On the CPU it changes nothing this project runs."""
+    if enabled:
+        if torch.cuda.is_initialized() and "CUBLAS_WORKSPACE_CONFIG" not in os.environ:
+            print("warning: train.deterministic set after CUDA initialised: cuBLAS may keep its default workspace "
+                  f"(export CUBLAS_WORKSPACE_CONFIG={CUBLAS_WORKSPACE_CONFIG} before the launch)",
+                  file=sys.stderr, flush=True)
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", CUBLAS_WORKSPACE_CONFIG)
+    torch.use_deterministic_algorithms(enabled)

@@ -28,8 +28,8 @@ from tqdm import tqdm
 
 import kernels
 from realm_hpc import preempt
-from realm_hpc.checkpoint import (atomic_write_json, load_checkpoint, save_checkpoint, save_trainer_checkpoint,
-                                  set_trainer_rng_state)
+from realm_hpc.checkpoint import (atomic_write_json, load_checkpoint, load_weights, save_checkpoint,
+                                  save_trainer_checkpoint, set_trainer_rng_state)
 from realm_hpc.config import Config, ConfigError, load_config
 from realm_hpc.data.blocks import BlockStore
 from realm_hpc.data.corpus import atomic_file, read_corpus
@@ -43,7 +43,7 @@ from realm_hpc.metrics import MetricsLogger
 from realm_hpc.models.encoders import Encoder, Retriever
 from realm_hpc.models.reader import Reader
 from realm_hpc.models.span_reader import SpanReader, qa_marginal_loss, span_log_softmax
-from realm_hpc.optim import make_stepper, micro_batch_size, step_plan, warmup_schedule
+from realm_hpc.optim import check_step_plan, make_stepper, micro_batch_size, step_plan, warmup_schedule
 from realm_hpc.runs import load_run
 
 
@@ -215,7 +215,7 @@ class Finetuner:
                    if pre[section][key] != value]
         if changed:
             raise ConfigError(f"{', '.join(changed)}: a fine-tune keeps the pretrained run's model and data settings")
-        micro_batch_size(step_plan(cfg, "qa"), group.size)  # a batch the trainers cannot split stops here, not later
+        check_step_plan(step_plan(cfg, "qa"), group.size)  # a batch the trainers cannot split stops here, not later
 
     def run(self) -> dict:
         cfg, out = self.cfg, self.out
@@ -229,9 +229,10 @@ class Finetuner:
         print0(f"fine-tuning on {self.device} ({self.group.size} trainer(s), train.device={cfg.train.device})")
         model.query.load_state_dict(pre_model.retriever.query.state_dict())
         model.reader.bert.load_state_dict(pre_model.reader.mlm.bert.state_dict())
+        usable = self._usable_questions(model, splits["train"])
         summary = {"recipe": cfg.recipe, "pretrained": cfg.qa.pretrained, "retriever_init": cfg.qa.retriever_init,
                    "k": cfg.qa.k, "steps": cfg.qa.steps, "corpus_docs": len(ctx.inputs.blocks),
-                   **{f"{s}_questions": len(v) for s, v in splits.items()}}
+                   **{f"{s}_questions": len(v) for s, v in splits.items()}, "train_questions_usable": usable}
         with MetricsLogger(out, enabled=self.group.rank == 0, resume_step=self._resume_step()) as log:
             self.train(model, splits, log)
             if self.group.rank != 0:
@@ -272,6 +273,9 @@ class Finetuner:
         barrier(self.group)
         cfg = self.cfg
         tokenizer, blocks = _retrieval_data(cfg, self.out)
+        if cfg.qa.k > len(blocks):
+            raise ConfigError(f"qa.k={cfg.qa.k} is more than the {len(blocks)} documents of "
+                              f"{cfg.qa.corpus or 'the pretrained run'} to retrieve from")
         emb = SavedIndex.open(self.out / "index").embeddings().float().to(self.device)
         inputs = QAInputs(tokenizer, blocks, cfg.model.reader_len, cfg.model.query_len, cfg.qa.max_span_len)
         return QAContext(cfg, inputs, emb, vocab_size)
@@ -308,10 +312,35 @@ class Finetuner:
         barrier(self.group)
         return {s: read_qa(self.out / "qa" / f"{s}.jsonl") for s in splits}
 
+    def _usable_questions(self, model: QAModel, train: list[QAExample]) -> int:
+        """How many training questions have a span matching a gold answer in their top-k blocks at the start (the
+        loss skips the others). None at all would 'train' with loss 0 and report success: refused instead."""
+        qa = self.cfg.qa
+        if not train:
+            raise ConfigError(f"qa.train: no training questions in {qa.train or 'the generated split'}")
+        usable = 0
+        was = model.training
+        model.eval()
+        with torch.no_grad():
+            for start in range(0, len(train), 64):
+                chunk = train[start:start + 64]
+                _, ids = model.retrieve(self.ctx.inputs.questions([e.question for e in chunk]), self.ctx.index, qa.k)
+                usable += sum(any(self.ctx.inputs.contains_answer(d, {normalize_answer(a) for a in e.answers})
+                                  for d in row) for e, row in zip(chunk, ids.tolist()))
+        model.train(was)
+        where = f"top-{qa.k} retrieved blocks (qa.k)"
+        if usable == 0:
+            raise ConfigError(f"qa.train: none of the {len(train)} training questions has a gold answer span in its "
+                              f"{where}: the fine-tune would train on nothing; check the answers against the corpus "
+                              "or raise qa.k")
+        print0(f"{usable} of {len(train)} training questions have a gold answer span in their {where} at the start; "
+               "the others add nothing to the loss")
+        return usable
+
     def _resume_step(self) -> int | None:
         if self.resume and (self.out / "checkpoint").exists():
             return int(load_checkpoint(self.out / "checkpoint")["step"])
-        return None
+        return -1 if self.resume else None  # stopped before its first checkpoint: it starts over, drop its rows
 
     # -- the open-book loop ----------------------------------------------------------------------------------
     def train(self, model: QAModel, splits: dict, log: MetricsLogger) -> None:
@@ -319,7 +348,8 @@ class Finetuner:
         train = splits["train"]
         ckpt = load_checkpoint(self.out / "checkpoint") if self.resume and (self.out / "checkpoint").exists() else None
         if ckpt is not None:
-            model.load_state_dict(ckpt["model"])  # before the stepper: DeepSpeed copies the weights it starts from
+            # before the stepper: DeepSpeed copies the weights it starts from
+            load_weights(model, ckpt["model"], self.out / "checkpoint")
         plan = step_plan(cfg, "qa")
         stepper = make_stepper(model, plan, qa.lr * qa.retriever_lr_scale, group.size)
         micro = micro_batch_size(plan, group.size)
@@ -373,7 +403,7 @@ class Finetuner:
         reader = pre_model.reader
         ckpt_dir = self.out / "closed_book"
         if self.resume and ckpt_dir.exists():
-            reader.load_state_dict(load_checkpoint(ckpt_dir)["model"])
+            load_weights(reader, load_checkpoint(ckpt_dir)["model"], ckpt_dir)
             return reader
         torch.manual_seed(qa.seed)
         opt = torch.optim.AdamW([{"params": list(reader.parameters()), "lr": qa.lr}],
@@ -415,7 +445,7 @@ def evaluate_run(run_dir: str | Path, qa_file: str | Path) -> dict:
     emb = SavedIndex.open(run_dir / "index").embeddings().float().to(device)
     ctx = QAContext(cfg, inputs, emb, vocab)
     model = QAModel(cfg, vocab).to(device)
-    model.load_state_dict(load_checkpoint(run_dir / "checkpoint")["model"])
+    load_weights(model, load_checkpoint(run_dir / "checkpoint")["model"], run_dir / "checkpoint")
     examples = read_qa(qa_file)
     name = Path(qa_file).name.split(".")[0]
     rows, metrics = evaluate_open_book(model, ctx, examples)
@@ -423,7 +453,7 @@ def evaluate_run(run_dir: str | Path, qa_file: str | Path) -> dict:
     result = {"qa_file": str(qa_file), "k": cfg.qa.k, **metrics}
     if (run_dir / "closed_book").exists():
         reader = Reader(cfg.model, vocab).to(device)
-        reader.load_state_dict(load_checkpoint(run_dir / "closed_book")["model"])
+        load_weights(reader, load_checkpoint(run_dir / "closed_book")["model"], run_dir / "closed_book")
         cb_rows, cb = evaluate_closed_book(reader, ctx, examples)
         write_predictions(cb_rows, run_dir / "eval" / f"{name}.closed_book.predictions.jsonl")
         result["em_closed_book"] = cb["em"]

@@ -12,10 +12,10 @@ from pathlib import Path
 
 from realm_hpc import preempt
 from realm_hpc.config import Config, ConfigError, load_config
-from realm_hpc.dist import (TrainerGroup, init_trainer_group, launched_by_mpi, leave_if_finalize_would_hang, mpi_roles,
-                            print0, spawn_would_wait_forever, trainer_comm)
+from realm_hpc.dist import (TrainerGroup, barrier, init_trainer_group, launched_by_mpi, leave_if_finalize_would_hang,
+                            mpi_roles, print0, spawn_would_wait_forever, trainer_comm)
 from realm_hpc.metrics import format_summary
-from realm_hpc.runs import write_run_config
+from realm_hpc.runs import check_out, check_resume_checkpoint, starting, write_run_config
 
 
 def trainer_group(cfg: Config) -> TrainerGroup:
@@ -34,14 +34,26 @@ def leave_trainer_group() -> None:
         dist.destroy_process_group()
 
 
+def check_run_dir(out: Path, cfg: Config, group: TrainerGroup, resume: bool, overwrite: bool) -> None:
+    """Every trainer looks at --out before trainer 0 writes anything there (a trainer that looked after would see
+    the new run's config.json)."""
+    check_out(out, resume, overwrite)
+    if resume:
+        check_resume_checkpoint(out, cfg, group.size)
+    barrier(group)
+
+
 # -- pretraining -----------------------------------------------------------------------------------------------------
-def pretrain(cfg: Config, run_dir: Path, resume: bool = False, refreshers: int | None = None) -> dict | None:
+def pretrain(cfg: Config, run_dir: Path, resume: bool = False, refreshers: int | None = None,
+             overwrite: bool = False) -> dict | None:
     """Run this process's part of a pretraining launch: a trainer runs the `Pretrainer` (trainer 0 prints the
     summary), a refresher rank serves index refreshes until the trainers stop it (returns None)."""
     import torch
 
+    from realm_hpc.device import set_deterministic
     from realm_hpc.train import Pretrainer
 
+    set_deterministic(cfg.train.deterministic)  # before CUDA initialises (cuBLAS reads its workspace setting then)
     factory, roles, comm, made = None, None, None, []
     if refreshers is not None and cfg.refresh.mode != "mpi":
         raise ConfigError(f"--refreshers {refreshers} asks for refresher ranks, but refresh.mode="
@@ -79,9 +91,11 @@ def pretrain(cfg: Config, run_dir: Path, resume: bool = False, refreshers: int |
             return made[-1]
     else:  # inline refresh: every rank is a trainer
         group = trainer_group(cfg)
-    write_run_config(run_dir, cfg, group)  # the others read run_dir/data only after trainer 0 created it
+    check_run_dir(run_dir, cfg, group, resume, overwrite)
     try:
-        summary = Pretrainer(cfg, run_dir, resume=resume, refresher_factory=factory, group=group).run()
+        with starting(run_dir, resume, overwrite, writer=group.rank == 0):
+            write_run_config(run_dir, cfg, group)  # the others read run_dir/data only after trainer 0 created it
+            summary = Pretrainer(cfg, run_dir, resume=resume, refresher_factory=factory, group=group).run()
     except BaseException as e:
         # A preemption in the REALM loop already stopped the refreshers (the loop closes its refresher).
         if factory is not None and group.rank == 0 and not (isinstance(e, preempt.Preempted) and e.checkpointed):
@@ -126,10 +140,11 @@ def serve_refresher(comm, shard_index: int, n_shards: int) -> None:
     def make_encoder(run_dir: str):
         from realm_hpc.data.blocks import BlockStore
         from realm_hpc.data.tokenizer import load_tokenizer
-        from realm_hpc.device import node_local_rank, refresher_device
+        from realm_hpc.device import node_local_rank, refresher_device, set_deterministic
         from realm_hpc.models.encoders import Encoder
 
         cfg = load_config(str(Path(run_dir) / "config.json"))
+        set_deterministic(cfg.train.deterministic)  # the index it encodes decides what the trainers retrieve
         tokenizer = load_tokenizer(cfg.model.pretrained or Path(run_dir) / "data" / "tokenizer")
         # The weights arrive as CPU floats (load_flat_params copies them in); embeddings go back as CPU numpy.
         device = refresher_device(cfg.refresh.device, node_local_rank())
@@ -141,13 +156,17 @@ def serve_refresher(comm, shard_index: int, n_shards: int) -> None:
 
 
 # -- fine-tuning -----------------------------------------------------------------------------------------------------
-def finetune(cfg: Config, out: Path, resume: bool = False) -> dict:
+def finetune(cfg: Config, out: Path, resume: bool = False, overwrite: bool = False) -> dict:
     """Every rank a trainer (mpiexec, torchrun or one process); trainer 0 prints the summary."""
+    from realm_hpc.device import set_deterministic
     from realm_hpc.finetune import Finetuner
 
+    set_deterministic(cfg.train.deterministic)
     group = trainer_group(cfg)
-    write_run_config(out, cfg, group)
-    summary = Finetuner(cfg, out, resume=resume, group=group).run()
+    check_run_dir(out, cfg, group, resume, overwrite)
+    with starting(out, resume, overwrite, writer=group.rank == 0):
+        write_run_config(out, cfg, group)
+        summary = Finetuner(cfg, out, resume=resume, group=group).run()
     leave_trainer_group()
     print0(format_summary(summary))
     print0(f"wrote {out / 'summary.json'}, {out / 'eval'}/, {out / 'metrics.jsonl'}")

@@ -1,15 +1,18 @@
 """Training metrics: a JSONL file (the source of truth, one object per line), TensorBoard scalars beside it, and a
-PNG of the curves. Only rank 0 logs; other ranks build a disabled logger so call sites need no rank checks."""
+PNG of the curves. Only rank 0 logs; other ranks build a disabled logger so call sites need no rank checks.
+TensorBoard and matplotlib only draw outputs: where one is not installed (a bare GPU image), its output is left out
+with one warning line and training goes on."""
 
 from __future__ import annotations
 
 import json
 import math
 import os
+import sys
 from pathlib import Path
 from typing import Any
 
-from realm_hpc.checkpoint import atomic_write, atomic_write_text
+from realm_hpc.checkpoint import atomic_write, atomic_write_text, json_safe
 
 METRICS_FILE = "metrics.jsonl"
 CURVES_FILE = "curves.png"
@@ -19,9 +22,7 @@ def _json_value(v: Any) -> Any:
     # Tensors and numpy scalars arrive from training code; .item() turns them into Python numbers.
     if hasattr(v, "item"):
         v = v.item()
-    if isinstance(v, float) and not math.isfinite(v):
-        return None  # JSON has no NaN/inf; null keeps every line parseable by strict readers
-    return v
+    return json_safe(v)  # null for NaN/inf keeps every line parseable by strict readers
 
 
 def _tb_tag(key: str) -> str:
@@ -75,8 +76,12 @@ class MetricsLogger:
         self._file = open(self.path, "a", buffering=1, encoding="utf-8")
         # Imported here so disabled (non-zero) ranks never load TensorBoard. purge_step hides the crashed run's
         # events past the checkpoint, matching the JSONL truncation above.
-        from torch.utils.tensorboard import SummaryWriter
-
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError as exc:
+            print(f"warning: no TensorBoard events ({exc}); {METRICS_FILE} has every row", file=sys.stderr,
+                  flush=True)
+            return
         purge = None if resume_step is None else resume_step + 1
         self._tb = SummaryWriter(str(self.run_dir / "tb"), purge_step=purge)
 
@@ -91,7 +96,7 @@ class MetricsLogger:
         self._write(row)
         for k, v in scalars.items():
             v = v.item() if hasattr(v, "item") else v
-            if isinstance(v, (int, float)) and not isinstance(v, bool):
+            if self._tb is not None and isinstance(v, (int, float)) and not isinstance(v, bool):
                 self._tb.add_scalar(_tb_tag(k), v, int(step))
 
     def mark_event(self, step: int, name: str) -> None:
@@ -99,7 +104,8 @@ class MetricsLogger:
         if not self.enabled:
             return
         self._write({"step": int(step), "event": name})
-        self._tb.add_text("events", name, int(step))
+        if self._tb is not None:
+            self._tb.add_text("events", name, int(step))
 
     def close(self) -> None:
         if self._file is not None:
@@ -173,19 +179,27 @@ def _lone(ys: list[float]) -> list[bool]:
     return [ok[i] and not (i > 0 and ok[i - 1]) and not (i + 1 < len(ok) and ok[i + 1]) for i in range(len(ok))]
 
 
-def plot_curves(run_dir: str | os.PathLike) -> Path:
-    """Write run_dir/curves.png (atomically) from run_dir/metrics.jsonl. Returns the PNG path."""
+def plot_curves(run_dir: str | os.PathLike) -> Path | None:
+    """Write run_dir/curves.png (atomically) from run_dir/metrics.jsonl. Returns the PNG path, or None (one warning
+    line) where matplotlib is not installed."""
     run_dir = Path(run_dir)
     fig = curves_figure(read_metrics(run_dir / METRICS_FILE))
+    if fig is None:
+        return None
     return atomic_write(run_dir / CURVES_FILE, lambda f: fig.savefig(f, format="png", dpi=100))
 
 
 def curves_figure(rows: list[dict]):
     """The figure of curves.png from metrics rows: loss, recall@k and MLM accuracy panels (and staleness / wait),
-    refreshes marked. Series of evaluations (a few points) are drawn with markers, so a lone point shows."""
+    refreshes marked; None (one warning line) where matplotlib is not installed. Series of evaluations (a few
+    points) are drawn with markers, so a lone point shows."""
     # Figure + Agg canvas directly, not pyplot: no global backend switch, no figure registry to leak in long runs.
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
+    try:
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.figure import Figure
+    except ImportError as exc:
+        print(f"warning: no {CURVES_FILE} ({exc}); {METRICS_FILE} has the curves' data", file=sys.stderr, flush=True)
+        return None
 
     scalar_rows = [r for r in rows if "event" not in r]
     keys = list(dict.fromkeys(k for r in scalar_rows for k, v in r.items() if k != "step" and _numeric_or_none(v)))

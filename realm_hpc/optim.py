@@ -127,6 +127,15 @@ def deepspeed_config(cfg: Config | StepPlan, n_trainers: int) -> dict:
     return ds
 
 
+def check_step_plan(cfg: Config | StepPlan, n_trainers: int) -> None:
+    """What make_stepper will need, checked when a run starts rather than after its ICT warm start: a batch the
+    trainers can split, and a DeepSpeed JSON that exists and agrees with the run config."""
+    plan = step_plan(cfg)
+    micro_batch_size(plan, n_trainers)
+    if n_trainers > 1 or plan.deepspeed:
+        deepspeed_config(plan, n_trainers)
+
+
 def make_stepper(model, cfg: Config | StepPlan, retriever_lr: float, n_trainers: int):
     """DeepSpeed for several trainers or a DeepSpeed JSON, else plain AdamW."""
     plan = step_plan(cfg)

@@ -1,9 +1,12 @@
-"""Preemption: SIGUSR1 / SIGTERM ask the run to checkpoint at the next step boundary and exit with EXIT_PREEMPTED.
+"""Preemption: SIGUSR1 / SIGTERM / SIGINT ask the run to checkpoint at the next step boundary and exit with
+EXIT_PREEMPTED.
 
 Slurm sends the warning signal (`#SBATCH --signal=B:USR1@120`) or SIGTERM (scancel, preemption, time limit; SIGKILL
 follows after KillWait). A handler only sets a flag: checkpointing inside a signal handler could interrupt a
 half-done optimizer step. The pretraining loop polls `requested()` between steps, saves its checkpoint and raises
 `Preempted`; the CLI turns that into exit status EXIT_PREEMPTED, which slurm/*.sbatch read as "requeue me".
+Ctrl-C (SIGINT) is the same request from a terminal; a second Ctrl-C stops at once (KeyboardInterrupt, which the
+CLI reports in one line with EXIT_INTERRUPTED), leaving the last checkpoint as it was.
 """
 
 from __future__ import annotations
@@ -15,7 +18,9 @@ from contextlib import contextmanager
 # sysexits.h EX_TEMPFAIL: "a temporary failure; the user is invited to retry". Distinct from 0 (done), 1 (error),
 # 2 (bad input) and from 128 + N (killed by signal N), so a job script can tell "requeue me" from a failure.
 EXIT_PREEMPTED = 75
-SIGNALS = (signal.SIGUSR1, signal.SIGTERM)
+# 128 + SIGINT, the shell's status for a process stopped by Ctrl-C: a second Ctrl-C, no new checkpoint written.
+EXIT_INTERRUPTED = 130
+SIGNALS = (signal.SIGUSR1, signal.SIGTERM, signal.SIGINT)
 
 _received: int | None = None
 
@@ -45,9 +50,12 @@ def requested_by_any(group) -> int | None:
 
 def _handler(signum, frame) -> None:
     global _received
+    if signum == signal.SIGINT and _received == signal.SIGINT:
+        raise KeyboardInterrupt  # Ctrl-C twice: the user will not wait for the step boundary
     if _received is None:
-        print(f"received {signal.Signals(signum).name}: checkpointing at the next step boundary", file=sys.stderr,
-              flush=True)
+        again = " (Ctrl-C again to stop at once, without it)" if signum == signal.SIGINT else ""
+        print(f"received {signal.Signals(signum).name}: checkpointing at the next step boundary{again}",
+              file=sys.stderr, flush=True)
     _received = signum
 
 

@@ -14,13 +14,15 @@ import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
 from realm_hpc import preempt
-from realm_hpc.checkpoint import atomic_write_json, load_checkpoint, save_trainer_checkpoint, set_trainer_rng_state
-from realm_hpc.config import Config
+from realm_hpc.checkpoint import (atomic_write, atomic_write_json, load_checkpoint, load_weights,
+                                  save_trainer_checkpoint, set_trainer_rng_state)
+from realm_hpc.config import Config, ConfigError
 from realm_hpc.data.examples import Batch, PretrainData
 from realm_hpc.device import group_device
 from realm_hpc.dist import TrainerGroup, barrier, broadcast_from_trainer0, mean_over_trainers, print0
@@ -28,11 +30,15 @@ from realm_hpc.evaluate import (bm25_retrieved, gold_recalls, heldout_metrics, m
                                 paired_sign_test, per_example, per_token, recall_at_k, recall_ks, retrieval_metrics,
                                 share)
 from realm_hpc.metrics import MetricsLogger, plot_curves
+from realm_hpc.models.encoders import pretrained_dir
 from realm_hpc.models.realm import Realm
-from realm_hpc.optim import build_optimizer, make_stepper, micro_batch_size
-from realm_hpc.retrieval.index import LiveIndex
+from realm_hpc.optim import build_optimizer, check_step_plan, make_stepper, micro_batch_size
+from realm_hpc.retrieval.index import LIVE_DTYPES, LiveIndex
 from realm_hpc.retrieval.refresh import InlineRefresher
 from realm_hpc.retrieval.sharded import build_index, full_embeddings, index_from_full
+
+
+SPAN_HITS_FILE = "mlm_span_hits.npy"  # a finished run's hits per test span (evaluate.per_example), to pair runs
 
 
 class TrainingError(RuntimeError):
@@ -52,7 +58,9 @@ class RunState:
     dev_recall_after_ict: float = float("nan")
     index_versions: int = 0
     max_staleness: int = 0
+    staleness_sum: int = 0  # over the loop's steps: the summary's mean staleness
     trainer_wait_s: float = 0.0
+    realm_loop_s: float = 0.0  # the loop's steps alone (index wait included; evaluation and checkpoints not)
     wall_s: float = 0.0  # wall time of earlier (killed) attempts
     refresh_steps: list[int] = field(default_factory=list)
 
@@ -61,7 +69,28 @@ def fresh_index(model: Realm, data: PretrainData, cfg: Config, version: int, ste
                 group: TrainerGroup = TrainerGroup()) -> LiveIndex:
     """The index of the current doc encoder; several trainers split the encoding (collective)."""
     return build_index(model.retriever.doc, data.blocks, cfg.refresh.batch_size, version, step, group,
-                       cfg.index.sharded)
+                       cfg.index.sharded, dtype=LIVE_DTYPES[cfg.index.live_dtype])
+
+
+def check_corpus_sizes(cfg: Config, data: PretrainData) -> None:
+    """Knobs the corpus must be large enough for: refused at the start with the key named, not deep in a search."""
+    where = f"data.corpus={cfg.data.corpus}" if cfg.data.corpus else "the embedded world"
+    n = len(data.blocks)
+    wants = [("retrieval.k", cfg.retrieval.k)]
+    if cfg.train.reader_warmup_steps > 0:
+        wants.append(("train.reader_warmup_k", cfg.train.reader_warmup_k))
+    for key, k in wants:
+        if k > n - 1:
+            raise ConfigError(f"{key}={k} is more than {where} can return: {n} document(s), {n - 1} besides a "
+                              "query's own")
+    sentences = len(data.train.text)
+    if sentences == 0:
+        held = len(data.heldout("test")) + len(data.heldout("dev"))
+        raise ConfigError(f"{where} has no training sentence ({held} held out for evaluation by data.eval_examples "
+                          "and data.dev_examples)")
+    if cfg.ict.steps > 0 and cfg.ict.batch_size > sentences:
+        raise ConfigError(f"ict.batch_size={cfg.ict.batch_size} is more than the {sentences} training sentences of "
+                          f"{where}")
 
 
 def start_index(model: Realm, data: PretrainData, cfg: Config, group: TrainerGroup = TrainerGroup(),
@@ -81,7 +110,7 @@ def start_index(model: Realm, data: PretrainData, cfg: Config, group: TrainerGro
         emb = pooled.to(w.device) @ w.T
     print0(f"model.proj_init=pca: projection = the top {cfg.model.proj_dim} principal directions of the corpus's "
            f"{pooled.shape[1]}-d vectors")
-    return index_from_full(emb, 0, 0, group, cfg.index.sharded, device)
+    return index_from_full(emb, 0, 0, group, cfg.index.sharded, device, LIVE_DTYPES[cfg.index.live_dtype])
 
 
 def rebuild_start(cfg: Config, data: PretrainData,
@@ -121,7 +150,9 @@ class Pretrainer:
         self.cfg, self.run_dir, self.resume = cfg, Path(run_dir), resume
         self.refresher_factory = refresher_factory  # (data) -> refresher; None = inline
         self.group = group
-        micro_batch_size(cfg, group.size)  # a batch the trainers cannot split stops here, not after ICT
+        check_step_plan(cfg, group.size)  # a batch the trainers cannot split, a bad DeepSpeed JSON: here, not after ICT
+        if cfg.model.pretrained:
+            pretrained_dir(cfg.model.pretrained)  # before its tokenizer is read for the data
         self.device = group_device(group, cfg.train.device)
         self.t0 = time.perf_counter()
         self.untrained_index: LiveIndex | None = None  # set by ict() when ICT is off (see realm())
@@ -132,13 +163,14 @@ class Pretrainer:
         self.run_dir.mkdir(parents=True, exist_ok=True)
         torch.manual_seed(cfg.train.seed)
         data = self.data = self._data()
+        check_corpus_sizes(cfg, data)
         model = self.model = Realm(cfg, data.vocab_size).to(self.device)  # initialised on the CPU: same weights
         print0(f"training on {self.device} ({self.group.size} trainer(s), train.device={cfg.train.device})")
         state = RunState()
         ckpt = None
         if self.resume and (self.run_dir / "checkpoint").exists():
             ckpt = load_checkpoint(self.run_dir / "checkpoint")  # CPU tensors, whatever device wrote them
-            model.load_state_dict(ckpt["model"])
+            load_weights(model, ckpt["model"], self.run_dir / "checkpoint")
             state = RunState(**ckpt["run_state"])
             print0(f"resuming at step {state.step} (ict done: {state.ict_done})")
         self.state = state
@@ -148,7 +180,8 @@ class Pretrainer:
         try:
             if not state.ict_done:
                 self.ict()
-                self.checkpoint(live=None, stepper=None)
+                # The end-of-ICT checkpoint: weights, RNG and (ICT off) the untrained index REALM starts from.
+                self.checkpoint(live=self.untrained_index, stepper=None)
             live = self.realm(ckpt)
             summary = self.finish(live)
         finally:
@@ -216,6 +249,9 @@ class Pretrainer:
                 best = max(best, recall)
                 if stalls >= cfg.ict.patience:
                     break
+        # The last ICT gradient would otherwise be added to REALM's first one (and move the retriever during a
+        # warm-up that freezes it); a run resumed from the end-of-ICT checkpoint has no such leftover either.
+        opt.zero_grad(set_to_none=True)
         state.ict_done = True
         print0(f"dev recall@{k} after ICT ({state.ict_steps} steps): {state.dev_recall_after_ict:.3f}")
 
@@ -227,18 +263,26 @@ class Pretrainer:
         cfg, data, model, state, group = self.cfg, self.data, self.model, self.state, self.group
         k = cfg.retrieval.k
         retriever_lr = cfg.optim.lr * cfg.optim.retriever_lr_scale
+        # The end-of-ICT checkpoint (no optimizer yet) was the last thing before this: its RNG state is the one the
+        # uninterrupted run enters REALM with, before anything below (a DeepSpeed engine) draws from it.
+        in_realm = ckpt is not None and ckpt["run_state"]["step"] > 0
+        if ckpt is not None and not in_realm:
+            set_trainer_rng_state(ckpt, group)
         if cfg.train.freeze_doc_encoder:  # before the optimizer is built: the doc encoder stays out of it
             model.freeze_doc_encoder()
         stepper = make_stepper(model, cfg, retriever_lr, group.size)
         micro, accum = micro_batch_size(cfg, group.size), cfg.train.grad_accum
-        if ckpt is not None and ckpt.get("index") is not None:
+        idx = ckpt.get("index") if ckpt is not None else None
+        if in_realm:
             stepper.load(ckpt, self.run_dir)
-            idx = ckpt["index"]
             live = index_from_full(idx["embeddings"], idx["version"], idx["weights_step"], group, cfg.index.sharded,
-                                   self.device)
+                                   self.device, LIVE_DTYPES[cfg.index.live_dtype])
             set_trainer_rng_state(ckpt, group)
         else:
-            if self.untrained_index is not None and state.step == 0:
+            if idx is not None:  # ICT off: the untrained index, saved in the end-of-ICT checkpoint
+                live = index_from_full(idx["embeddings"], 1, idx["weights_step"], group, cfg.index.sharded,
+                                       self.device, LIVE_DTYPES[cfg.index.live_dtype])
+            elif self.untrained_index is not None:
                 live, self.untrained_index = self.untrained_index, None
                 live.swap(replace(live.snapshot, version=1))
             else:
@@ -273,7 +317,9 @@ class Pretrainer:
                     row.update(refresher_respawned=event.respawned)
                 state.trainer_wait_s += event.wait_s
                 window_wait += event.wait_s
-                if live.staleness(step) > cfg.refresh.max_staleness and warned_version != live.version:
+                # refresh.every=0 keeps one index by request: its staleness is the point, not a slow refresher
+                if (live.staleness(step) > cfg.refresh.max_staleness and warned_version != live.version
+                        and cfg.refresh.every):
                     warned_version = live.version
                     print0(f"warning: step {step}: the index (v{live.version}) is {live.staleness(step)} steps "
                            f"stale (> refresh.max_staleness={cfg.refresh.max_staleness}); refreshers too slow?")
@@ -298,8 +344,11 @@ class Pretrainer:
                 state.step = step + 1
                 staleness = live.staleness(state.step)
                 state.max_staleness = max(state.max_staleness, staleness)
+                state.staleness_sum += staleness
                 window.append(step_loss)
-                window_s += time.perf_counter() - t_step
+                step_s = time.perf_counter() - t_step
+                window_s += step_s
+                state.realm_loop_s += step_s
                 bar.set_postfix(loss=f"{step_loss:.3f}", v=live.version, stale=staleness)
                 if state.step % cfg.train.log_every == 0:
                     # wait_s: seconds the loop spent on the index since the last row (mpi: ~0; inline: re-encodes)
@@ -329,7 +378,7 @@ class Pretrainer:
         self.state.wall_s += time.perf_counter() - self.t0
         self.t0 = time.perf_counter()
         st = self.state
-        embeddings = None if live is None else full_embeddings(live)  # collective
+        embeddings = None if live is None else full_embeddings(live)  # collective; a sharded index's: trainer 0's
 
         def state() -> dict:
             return {"model": self.model.state_dict(),
@@ -390,16 +439,23 @@ class Pretrainer:
             "ict_steps": st.ict_steps,
             "index_versions": st.index_versions,
             "max_staleness_steps": st.max_staleness,
+            "mean_staleness_steps": st.staleness_sum / max(st.step, 1),
             "trainer_wait_s": st.trainer_wait_s,
+            "realm_steps_per_s": st.step / max(st.realm_loop_s, 1e-9),
+            "realm_loop_s": st.realm_loop_s,
             "refresh_mode": cfg.refresh.mode,
         })
         if self.group.distributed:
             summary.update(trainers=self.group.size, index_sharded=cfg.index.sharded)
         if self.group.rank != 0:
             return {**summary, **{f"test_{key}": v for key, v in test_part.items()}}
+        # Before summary.json, which marks a finished run: another run's span hits pair with these (realm-hpc bench
+        # staleness compares refresh intervals with evaluate.paired_sign_test).
+        spans = per_example(data, hits, split="test")
+        atomic_write(self.run_dir / SPAN_HITS_FILE, lambda f: np.save(f, spans.numpy()))
         if cfg.eval.closed_book_baseline:
             cb_hits = self.closed_book_baseline()
-            spans, cb_spans = per_example(data, hits, split="test"), per_example(data, cb_hits, split="test")
+            cb_spans = per_example(data, cb_hits, split="test")
             # Same held-out spans for both: the paired counts and McNemar's exact p say whether the gap is noise.
             # Paired per span (right = all its tokens right): a span's tokens are not independent trials.
             only_r, only_cb, p = paired_sign_test(spans, cb_spans)

@@ -151,3 +151,30 @@ def test_corrupt_checkpoint_is_value_error_naming_file(tmp_path, damage):
     path.write_bytes(data[: len(data) // 2] if damage == "truncate" else b"\x00not a checkpoint" * 10)
     with pytest.raises(ValueError, match=r"checkpoint.*state\.pt"):
         load_checkpoint(tmp_path / "checkpoint")
+
+
+def test_json_files_are_strict_json_with_null_for_nan(tmp_path):
+    """summary.json held a bare NaN (recall with no gold example), which jq, JSON.parse and Go refuse."""
+    import json
+
+    atomic_write_json(tmp_path / "s.json", {"recall": float("nan"), "p": [1.0, float("inf"), -float("inf")],
+                                            "nested": {"acc": float("nan"), "n": 3}, "ok": 0.5})
+
+    def refuse(name):
+        raise ValueError(f"non-standard JSON constant {name}")
+
+    back = json.loads((tmp_path / "s.json").read_text(), parse_constant=refuse)
+    assert back == {"recall": None, "p": [1.0, None, None], "nested": {"acc": None, "n": 3}, "ok": 0.5}
+
+
+def test_a_checkpoint_that_does_not_fit_its_model_is_one_line_naming_the_parameters(tmp_path):
+    state = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.Linear(3, 2)).state_dict()
+    other = torch.nn.Sequential(torch.nn.Linear(4, 5), torch.nn.Linear(5, 2))
+    with pytest.raises(ValueError) as err:
+        ck.load_weights(other, state, tmp_path / "checkpoint")
+    message = str(err.value)
+    assert "\n" not in message and message.startswith(f"{tmp_path / 'checkpoint'}: the checkpoint does not fit")
+    assert "0.weight (3, 4) in the checkpoint vs (5, 4)" in message and "(+1 more)" in message
+    fits = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.Linear(3, 2))
+    ck.load_weights(fits, state, tmp_path / "checkpoint")
+    assert all(torch.equal(fits.state_dict()[k], v) for k, v in state.items())

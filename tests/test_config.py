@@ -65,6 +65,9 @@ def test_overrides_are_validated():
     with pytest.raises(ConfigError, match="train.query_anchor .* needs train.freeze_doc_encoder"):
         apply_overrides(Config(), ["train.query_anchor=1"])
     assert apply_overrides(Config(), ["train.query_anchor=1", "train.freeze_doc_encoder=true"]).train.query_anchor == 1
+    with pytest.raises(ConfigError, match="index.live_dtype"):
+        apply_overrides(Config(), ["index.live_dtype=fp16"])
+    assert apply_overrides(Config(), ["index.live_dtype=bf16"]).index.live_dtype == "bf16"
 
 
 def test_config_json_round_trip(tmp_path):
@@ -160,3 +163,36 @@ def test_a_batch_the_trainers_cannot_split_stops_before_ict(tmp_path):
     with pytest.raises(ConfigError, match=r"train\.batch_size=16 is not divisible by trainers \(3\)"):
         Pretrainer(cfg, tmp_path / "run", group=TrainerGroup(0, 3, "cpu"))
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("item", [
+    "train.steps=-5", "train.steps=0", "model.proj_dim=0", "model.hidden=65", "model.heads=0", "model.layers=0",
+    "model.block_len=3", "ict.steps=-1", "ict.eval_every=0", "ict.batch_size=0", "ict.keep_sentence_prob=1.5",
+    "train.checkpoint_every=0", "train.log_every=0", "train.reader_warmup_steps=-1", "optim.lr=0", "optim.lr=nan",
+    "optim.grad_clip=-1", "refresh.timeout_s=inf", "refresh.batch_size=0", "eval.batch_size=0",
+    "data.eval_examples=-1", "data.eval_examples=0", "data.dev_examples=-1", "qa.steps=0", "qa.lr=-0.1",
+])
+def test_nonsensical_values_are_refused_naming_the_key(item):
+    key = item.split("=")[0]
+    with pytest.raises(ConfigError) as err:
+        apply_overrides(Config(), [item])
+    message = str(err.value)
+    assert message.startswith(key) and "\n" not in message, message
+
+
+def test_the_recipes_pass_the_checks():
+    from realm_hpc.recipes import FINETUNE_RECIPES
+
+    for make in (get_recipe("tiny"), get_recipe("demo"), *(f() for f in FINETUNE_RECIPES.values())):
+        make.validate()
+
+
+def test_cli_refuses_a_bad_value_before_writing_anything(tmp_path, capsys):
+    from realm_hpc.cli import main
+
+    for bad in (["--steps", "-5"], ["--set", "model.proj_dim=0"], ["--set", "model.heads=3"]):
+        with pytest.raises(SystemExit) as exit_:
+            main(["pretrain", "--recipe", "tiny", "--out", str(tmp_path / "run"), *bad])
+        err = capsys.readouterr().err.strip()
+        assert exit_.value.code == 2 and err.startswith("error: ") and "\n" not in err, err
+        assert not (tmp_path / "run").exists()

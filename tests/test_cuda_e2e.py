@@ -3,8 +3,8 @@
 Written on a CPU-only machine: these tests have never run here. On a GPU machine they check that a tiny pretraining
 runs with the model, batches and index on the GPU and resumes from its GPU checkpoint on the CPU; that one DeepSpeed
 trainer (nccl, world size 1) runs on the GPU although DS_ACCELERATOR=cpu is in the environment; that the MPI
-refresher re-encodes on the GPU; that two trainers run over nccl with a sharded index (2 GPUs); and that a fine-tune
-runs on the GPU. With TRITON_INTERPRET=1 (tests/conftest.py's
+refresher re-encodes on the GPU; that two trainers run over nccl with a sharded index (2 GPUs); that with
+train.deterministic=true two runs and a resumed run give the same losses; and that a fine-tune runs on the GPU. With TRITON_INTERPRET=1 (tests/conftest.py's
 default) the kernels run the torch reference on the GPU tensors; `TRITON_INTERPRET=0 pytest -m gpu
 tests/test_cuda_e2e.py` runs the compiled Triton kernels.
 """
@@ -78,6 +78,7 @@ def test_gpu_checkpoint_resumes_on_the_cpu(gpu_run, tmp_path):
 
 def test_one_deepspeed_trainer_on_cuda(tmp_path):
     """DS_ACCELERATOR=cpu (conftest's) must not pull the GPU trainer's engine to the CPU."""
+    pytest.importorskip("deepspeed")  # a bare GPU image may lack it (bench/gpu_check.sh then reports the skip)
     out = tmp_path / "ds"
     cfg = Path(__file__).parents[1] / "configs" / "ds_zero2.json"
     main([*PRETRAIN, "--out", str(out), "--set", "train.device=cuda", "--deepspeed-config", str(cfg)])
@@ -101,7 +102,8 @@ def test_mpi_refresher_on_cuda(tmp_path):
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
            "PATH": f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}"}
     env.pop("TRITON_INTERPRET", None)  # compiled Triton on the GPU
-    proc = subprocess.run([str(mpiexec), "-n", "2", str(bin_dir / "realm-hpc"), *PRETRAIN[:3], "--steps", "12",
+    # `python -m realm_hpc`, not the realm-hpc script: a GPU image runs the checkout on PYTHONPATH, not installed
+    proc = subprocess.run([str(mpiexec), "-n", "2", sys.executable, "-m", "realm_hpc", *PRETRAIN[:3], "--steps", "12",
                            "--out", str(out), *PRETRAIN[5:], "--set", "refresh.mode=mpi",
                            "--set", "train.device=cuda", "--set", "refresh.device=cuda"],
                           env=env, capture_output=True, text=True, timeout=600)
@@ -124,6 +126,30 @@ def test_two_trainers_over_nccl_with_a_sharded_index(tmp_path):
     summary = json.loads((out / "summary.json").read_text())
     assert summary["trainers"] == 2 and summary["index_sharded"] is True and summary["steps"] == 8
     assert np.all(np.isfinite(_losses(out)))
+
+
+def test_deterministic_runs_and_a_resume_give_the_same_losses_on_cuda(tmp_path):
+    """train.deterministic=true on the GPU: two runs of the same config log the same losses bit for bit, and a run
+    stopped at step 4 and resumed logs the uninterrupted run's. Fresh processes: the launch sets
+    CUBLAS_WORKSPACE_CONFIG before CUDA initialises."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    env.pop("CUBLAS_WORKSPACE_CONFIG", None)
+    det = ["--set", "train.device=cuda", "--set", "train.deterministic=true"]  # dropout on: its CUDA RNG too
+
+    def pretrain(out: Path, *extra) -> None:
+        proc = subprocess.run([sys.executable, "-m", "realm_hpc", *PRETRAIN[:3], "--out", str(out), *PRETRAIN[3:],
+                               *det, *extra], env=env, capture_output=True, text=True, timeout=600)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        assert "warning: train.deterministic set after CUDA" not in proc.stderr
+
+    pretrain(tmp_path / "a")
+    pretrain(tmp_path / "b")
+    assert _losses(tmp_path / "a") == _losses(tmp_path / "b") and len(_losses(tmp_path / "a")) == 8
+    pretrain(tmp_path / "c", "--steps", "4")
+    proc = subprocess.run([sys.executable, "-m", "realm_hpc", "pretrain", "--out", str(tmp_path / "c"), "--resume",
+                           "--steps", "8"], env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert _losses(tmp_path / "c") == _losses(tmp_path / "a")
 
 
 def test_finetune_on_cuda(gpu_run, tmp_path):

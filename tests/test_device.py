@@ -149,3 +149,23 @@ def test_live_index_moves_swapped_snapshots_to_its_device():
     scores, ids = live.search(torch.randn(3, 4), 2, torch.tensor([0, -1, 5]))
     assert scores.shape == ids.shape == (3, 2) and not (ids[0] == 0).any() and not (ids[2] == 5).any()
 
+
+
+def test_deterministic_sets_torch_and_cublas_and_the_config_can_turn_it_off(monkeypatch):
+    from realm_hpc.device import CUBLAS_WORKSPACE_CONFIG, set_deterministic
+
+    _unset(monkeypatch, "CUBLAS_WORKSPACE_CONFIG")
+    try:
+        set_deterministic(True)
+        assert torch.are_deterministic_algorithms_enabled()
+        import os
+
+        assert os.environ["CUBLAS_WORKSPACE_CONFIG"] == CUBLAS_WORKSPACE_CONFIG == ":4096:8"
+        monkeypatch.setenv("CUBLAS_WORKSPACE_CONFIG", ":16:8")  # the environment's own choice is kept
+        set_deterministic(True)
+        assert os.environ["CUBLAS_WORKSPACE_CONFIG"] == ":16:8"
+        set_deterministic(False)  # a later run in the same process follows its own config
+        assert not torch.are_deterministic_algorithms_enabled()
+    finally:
+        torch.use_deterministic_algorithms(False)
+    assert apply_overrides(Config(), ["train.deterministic=true"]).train.deterministic is True

@@ -235,3 +235,34 @@ def test_swapped_corpus(pretrained, tmp_path, capsys):
         main(["finetune", "--recipe", "qa-tiny", "--pretrained", str(pretrained), "--out", str(tmp_path / "ft2"),
               "--set", f"qa.corpus={bad}"])
     assert exit_.value.code == 2 and f"{bad}:2: " in capsys.readouterr().err
+
+
+def test_the_summary_counts_the_usable_training_questions(finetuned):
+    _, summary = finetuned
+    assert 0 < summary["train_questions_usable"] <= summary["train_questions"]
+
+
+def test_no_usable_training_question_is_refused_and_says_how_many(pretrained, tmp_path, capsys):
+    """Questions whose answers no retrieved block holds 'trained' with loss 0.0 and reported success."""
+    qa = tmp_path / "nowhere.qa.csv"
+    qa.write_text("Who discovered polonium?\t['Marie Skłodowska-Curie']\n"
+                  "In which year did the Berlin Wall fall?\t['1989']\n"
+                  "What is the capital of Burkina Faso?\t['Ouagadougou']\n", encoding="utf-8")
+    with pytest.raises(SystemExit) as exit_:
+        main(["finetune", "--recipe", "qa-tiny", "--pretrained", str(pretrained), "--out", str(tmp_path / "ft"),
+              "--set", f"qa.train={qa}"])
+    err = capsys.readouterr().err.strip().splitlines()[-1]  # after the index build's progress bar
+    assert exit_.value.code == 2
+    assert err.startswith("error: qa.train: none of the 3 training questions has a gold answer span in its top-5")
+    assert not (tmp_path / "ft").exists()  # a start that fails on its input leaves --out as it found it
+
+
+def test_a_second_fine_tune_into_a_finished_out_is_refused(pretrained, finetuned, capsys):
+    out, _ = finetuned
+    before = {p: p.read_bytes() for p in sorted(out.rglob("*")) if p.is_file()}
+    with pytest.raises(SystemExit) as exit_:
+        main(["finetune", "--recipe", "qa-tiny", "--pretrained", str(pretrained), "--out", str(out),
+              "--set", "qa.seed=7"])
+    err = capsys.readouterr().err.strip()
+    assert exit_.value.code == 2 and f"--out {out} holds a run" in err and "--overwrite" in err
+    assert {p: p.read_bytes() for p in sorted(out.rglob("*")) if p.is_file()} == before

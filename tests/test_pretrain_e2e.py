@@ -20,7 +20,8 @@ ARGS = ["--steps", str(STEPS), "--set", f"refresh.every={REFRESH_EVERY}", "--set
         "--set", "train.checkpoint_every=1000", "--set", "eval.closed_book_baseline=true"]
 
 SUMMARY_KEYS = {"recipe", "steps", "corpus_docs", "k", "ict_steps", "index_versions", "max_staleness_steps",
-                "trainer_wait_s", "refresh_mode", "wall_s", "trainer_wait_share",
+                "mean_staleness_steps", "trainer_wait_s", "realm_steps_per_s", "realm_loop_s", "refresh_mode", "wall_s",
+                "trainer_wait_share",
                 # dev: what the run looked at along the way (ICT's early stopping, mid-run evaluations)
                 "dev_recall_at_8_start", "dev_recall_at_8_after_ict", "dev_recall_at_8", "dev_mlm_acc_retrieval",
                 "dev_examples", "dev_examples_with_gold",
@@ -122,10 +123,15 @@ def test_metrics_rows(run, summary):
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="train.device=auto is a GPU here: tests/test_cuda_e2e.py")
 def test_device_cpu_gives_the_default_losses(run, tmp_path):
-    """Without CUDA, train.device=auto is the CPU: an explicit train.device=cpu run is the same run, bit for bit."""
+    """Without CUDA, train.device=auto is the CPU: an explicit train.device=cpu run is the same run, bit for bit, also
+    with train.deterministic=true (deterministic algorithms on: nothing this run does on the CPU lacks one)."""
     out = tmp_path / "cpu"
-    main(["pretrain", "--recipe", "tiny", "--out", str(out), *ARGS, "--set", "train.device=cpu",
-          "--set", "eval.closed_book_baseline=false"])
+    try:
+        main(["pretrain", "--recipe", "tiny", "--out", str(out), *ARGS, "--set", "train.device=cpu",
+              "--set", "eval.closed_book_baseline=false", "--set", "train.deterministic=true"])
+        assert torch.are_deterministic_algorithms_enabled()  # the launch set it (and left it for this process)
+    finally:
+        torch.use_deterministic_algorithms(False)
     default, cpu = read_metrics(run), read_metrics(out)
     losses = [r["loss"] for r in default if "loss" in r]
     assert losses and [r["loss"] for r in cpu if "loss" in r] == losses

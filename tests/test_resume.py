@@ -1,5 +1,6 @@
-"""Checkpoint/resume equality with inline refresh: a run stopped at step S (by --steps, or preempted by SIGUSR1) and
-resumed to N logs the same per-step losses after S as an uninterrupted run to N, and ends with the same weights."""
+"""Checkpoint/resume equality with inline refresh: a run stopped at step S (by --steps, preempted by SIGUSR1, or killed
+after any kind of checkpoint it writes) and resumed to N logs the same per-step losses after S as an uninterrupted run
+to N, and ends with the same weights."""
 
 import json
 import os
@@ -129,3 +130,90 @@ def test_resume_after_preemption_gives_the_uninterrupted_losses(preempted):
         assert lc[s] == pytest.approx(la[s], abs=1e-5), f"step {s}: resumed {lc[s]} vs uninterrupted {la[s]}"
     assert _versions(c) == _versions(a)
     assert load_checkpoint(c / "checkpoint")["run_state"]["step"] == N
+
+
+# -- every kind of checkpoint a run writes: end of ICT (kill -9), periodic (a crash), end of ICT with ICT off; the final
+# one (runs: --steps S, then --resume --steps N) and a preemption's (preempted) are above --------------------------
+class _Killed(BaseException):
+    """A process death between two step boundaries (nothing after it runs, nothing is cleaned up)."""
+
+
+def _killed_at(monkeypatch, step: int) -> None:
+    from realm_hpc.data.examples import PretrainData
+
+    real = PretrainData.train_batch
+
+    def batch(self, s, *args):
+        if s == step:
+            raise _Killed(f"killed during REALM step {s}")
+        return real(self, s, *args)
+
+    monkeypatch.setattr(PretrainData, "train_batch", batch)
+
+
+def _assert_same_losses(uninterrupted, resumed) -> None:
+    la, lr = _losses(uninterrupted), _losses(resumed)
+    assert sorted(lr) == sorted(la)  # every step logged once
+    for s in sorted(la):
+        assert lr[s] == la[s], f"step {s}: resumed {lr[s]} vs uninterrupted {la[s]}"  # bit for bit
+    assert _versions(resumed) == _versions(uninterrupted)
+
+
+@pytest.fixture(scope="module")
+def chained(tmp_path_factory):
+    """One run through two kinds of checkpoint: kill -9 right after the end-of-ICT checkpoint appears (the issue's
+    case), --resume; killed again between the periodic checkpoint at step 3 (the end of the reader warm-up) and the
+    next one, --resume to the end. Returns the run and both checkpoints as they were resumed from."""
+    d = tmp_path_factory.mktemp("chained") / "d"
+    proc = subprocess.Popen([sys.executable, "-m", "realm_hpc", "pretrain", "--out", str(d), "--steps", str(N),
+                             *COMMON, "--set", "train.checkpoint_every=3"], env={**os.environ, "TQDM_DISABLE": "1"},
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 180
+    while not (d / "checkpoint" / "state.pt").exists():
+        if proc.poll() is not None or time.monotonic() > deadline:
+            proc.kill()
+            pytest.fail(f"no end-of-ICT checkpoint (exit {proc.returncode}):\n{proc.stderr.read()[-2000:]}")
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.communicate(timeout=60)
+    end_of_ict = load_checkpoint(d / "checkpoint")
+    with pytest.MonkeyPatch.context() as mp:
+        _killed_at(mp, 4)
+        with pytest.raises(_Killed):
+            main(["pretrain", "--out", str(d), "--resume"])
+    periodic = load_checkpoint(d / "checkpoint")
+    main(["pretrain", "--out", str(d), "--resume"])
+    return d, end_of_ict, periodic
+
+
+def test_resume_from_the_end_of_ict_and_a_periodic_checkpoint_gives_the_uninterrupted_losses(runs, chained):
+    a = runs[0]
+    d, end_of_ict, periodic = chained
+    assert end_of_ict["run_state"]["step"] == 0 and end_of_ict["run_state"]["ict_done"]
+    assert end_of_ict["index"] is None and periodic["run_state"]["step"] == 3
+    _assert_same_losses(a, d)
+    wa, wd = load_checkpoint(a / "checkpoint"), load_checkpoint(d / "checkpoint")
+    for name, ta in wa["model"].items():
+        assert torch.equal(wd["model"][name], ta), name
+
+
+def test_resume_from_the_end_of_ict_checkpoint_with_ict_off(tmp_path, monkeypatch):
+    """With ict.steps=0 REALM starts from the index of the untrained encoders, built for recall at start: the
+    end-of-ICT checkpoint carries it."""
+    from realm_hpc.train import Pretrainer
+
+    off = [*COMMON, "--set", "ict.steps=0", "--steps", "5"]
+    main(["pretrain", "--out", str(tmp_path / "a"), *off])
+    real = Pretrainer.realm
+
+    def killed(self, ckpt):
+        raise _Killed("killed right after the end-of-ICT checkpoint")
+
+    monkeypatch.setattr(Pretrainer, "realm", killed)
+    with pytest.raises(_Killed):
+        main(["pretrain", "--out", str(tmp_path / "b"), *off])
+    ckpt = load_checkpoint(tmp_path / "b" / "checkpoint")
+    assert ckpt["run_state"]["step"] == 0 and ckpt["index"] is not None and ckpt["index"]["weights_step"] == 0
+    monkeypatch.setattr(Pretrainer, "realm", real)
+    main(["pretrain", "--out", str(tmp_path / "b"), "--resume"])
+    _assert_same_losses(tmp_path / "a", tmp_path / "b")

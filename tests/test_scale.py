@@ -57,17 +57,19 @@ def _step_rows(run: Path) -> list[dict]:
 
 
 @pytest.mark.skipif(MPIEXEC is None, reason="mpiexec not found (pip install mpich mpi4py)")
-@pytest.mark.parametrize("ranks,refreshers", [(3, 1), (4, 2)],
-                         ids=["2-trainers-1-refresher", "2-trainers-2-refreshers"])
-def test_mpi_trainers_with_refresher_ranks(tmp_path, ranks, refreshers):
+@pytest.mark.parametrize("ranks,refreshers,index", [(3, 1, []), (4, 2, ["index.sharded=true", "index.live_dtype=bf16"])],
+                         ids=["2-trainers-1-refresher", "2-trainers-2-refreshers-sharded-bf16"])
+def test_mpi_trainers_with_refresher_ranks(tmp_path, ranks, refreshers, index):
+    """Replicated: trainer 0 broadcasts each new version; sharded: it sends each trainer its rows (in bf16 here)."""
     pytest.importorskip("mpi4py")
     out, steps = tmp_path / "run", 16
     _run([MPIEXEC, "-n", ranks, *REALM, "pretrain", "--out", out, "--steps", steps, "--refreshers", refreshers,
           *SMALL, "--set", "refresh.mode=mpi", "--set", "refresh.every=3", "--set", "train.reader_warmup_steps=4",
-          "--set", "refresh.max_staleness=2",
+          "--set", "refresh.max_staleness=2", *(a for kv in index for a in ("--set", kv)),
           "--deepspeed-config", Path(__file__).parents[1] / "configs" / "ds_zero2.json"], cwd=tmp_path)
     summary = json.loads((out / "summary.json").read_text())
     assert summary["trainers"] == ranks - refreshers and summary["steps"] == steps
+    assert summary["index_sharded"] is bool(index)
     assert summary["dev_recall_at_8_after_ict"] > summary["dev_recall_at_8_start"]
     rows = _step_rows(out)
     assert len(rows) == steps and all(math.isfinite(r["loss"]) for r in rows)

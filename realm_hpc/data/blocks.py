@@ -10,7 +10,7 @@ Layout of a store directory (all arrays are `.npy`, opened with `mmap_mode="r"`)
     texts.npy           uint8 [*]     UTF-8 text each block covers (up to its last kept token), cut by texts_offsets.npy
     token_chars.npy     int32 [T, 2]  each token's [start, end) characters in its own title or text; (0, 0) for
                                       [CLS]/[SEP]. Open-QA reads answers in the passage's own characters through it
-    meta.json           format, version, count, num_tokens, max_len, vocab_size, tokenizer, special ids
+    meta.json           format, version, count, num_tokens, max_len, vocab_size, tokenizer, special ids, docs_cut
 
 Segment ids are not stored: `[CLS] title [SEP]` is segment 0 and `text [SEP]` segment 1 (BERT's sentence-pair
 convention, as in HF's REALM embedder); they follow from title_len; `batch(..., token_type_ids=True)` adds them.
@@ -92,27 +92,56 @@ class _StringsAppender:
             self.offsets.__exit__(*exc)
 
 
+# A block of max_len tokens never needs more than this many characters per token of a document's text (English
+# runs ~4.5 per WordPiece token): the tokenizer reads a whole string even when it truncates, so a multi-megabyte
+# document took ~20 s to yield its first 288 tokens.
+CHARS_PER_TOKEN = 32
+
+
+def max_chars(max_len: int) -> int:
+    """The characters of a text that a block of max_len tokens can hold, with a wide margin."""
+    return max_len * CHARS_PER_TOKEN
+
+
 def _encode_chunk(docs: Sequence[Doc], tokenizer, max_len: int):
-    """Token rows `[CLS] title [SEP] text [SEP]`, title lengths, each token's characters in its title or text, and
-    the text each block covers."""
+    """Token rows `[CLS] title [SEP] text [SEP]`, title lengths, each token's characters in its title or text, the
+    text each block covers, and how many texts did not fit their block and were cut."""
     def enc(strings: list[str]):
-        # Truncating in the tokenizer keeps a long passage from becoming a long Python list only to be cut.
-        out = tokenizer(strings, add_special_tokens=False, truncation=True, max_length=max_len - 3,
-                        return_attention_mask=False, return_token_type_ids=False, return_offsets_mapping=True)
+        # Only the first max_chars of a text can reach a block; one token past the room tells a text that was cut
+        # from one that just fits.
+        out = tokenizer([t[:max_chars(max_len)] for t in strings], add_special_tokens=False, truncation=True,
+                        max_length=max_len - 2, return_attention_mask=False, return_token_type_ids=False,
+                        return_offsets_mapping=True)
         return zip(out["input_ids"], out["offset_mapping"])
 
     cls_id, sep_id = tokenizer.cls_token_id, tokenizer.sep_token_id
-    rows, title_lens, chars, texts = [], [], [], []
+    rows, title_lens, chars, texts, cut = [], [], [], [], 0
     for d, (title, title_chars), (text, text_chars) in zip(docs, enc([d.title for d in docs]),
                                                            enc([d.text for d in docs])):
         # The title is kept whole unless it alone overflows: it is what tells blocks of one article apart.
+        title, title_chars = title[:max_len - 3], title_chars[:max_len - 3]
         room = max_len - 3 - len(title)
+        cut += len(text) > room
         text, text_chars = text[:room], text_chars[:room]
         rows.append([cls_id, *title, sep_id, *text, sep_id])
         title_lens.append(len(title))
         chars.append([(0, 0), *title_chars, (0, 0), *text_chars, (0, 0)])
         texts.append(d.text[:text_chars[-1][1]] if text_chars else "")
-    return rows, title_lens, chars, texts
+    return rows, title_lens, chars, texts, cut
+
+
+def cut_long_docs(docs: list[Doc], max_len: int) -> tuple[list[Doc], list[tuple[str, int]]]:
+    """Documents whose text is longer than a block of max_len tokens could ever hold (`max_chars`) cut there, at a
+    space: a block keeps only a document's first tokens, and the rest would still be tokenized, split into
+    sentences and trained on as queries whose source block does not hold them. Returns (docs, [(id, chars)] cut)."""
+    limit, out, cut = max_chars(max_len), [], []
+    for d in docs:
+        if len(d.text) > limit:
+            cut.append((d.id, len(d.text)))
+            at = d.text.rfind(" ", 0, limit + 1)
+            d = Doc(d.id, d.title, d.text[:at if at > 0 else limit])
+        out.append(d)
+    return out, cut
 
 
 class BlockStore:
@@ -154,6 +183,7 @@ class BlockStore:
         if tokenizer.cls_token_id is None or tokenizer.sep_token_id is None:
             raise ValueError("tokenizer has no [CLS]/[SEP] token")
         seen: set[str] = set()
+        cut = 0
         with atomic_dir(out_dir) as tmp:
             with (_NpyAppender(tmp / "tokens.npy", np.int32) as tokens,
                   _NpyAppender(tmp / "offsets.npy", np.int64) as offsets,
@@ -169,7 +199,8 @@ class BlockStore:
                         if d.id in seen:
                             raise ValueError(f"duplicate doc id {d.id!r}: index_of() would be ambiguous")
                         seen.add(d.id)
-                    rows, title_lens, chars, covered = _encode_chunk(chunk, tokenizer, max_len)
+                    rows, title_lens, chars, covered, chunk_cut = _encode_chunk(chunk, tokenizer, max_len)
+                    cut += chunk_cut
                     lens = np.array([len(r) for r in rows], dtype=np.int64)
                     offsets.append(tokens.size + np.cumsum(lens))
                     tokens.append(np.fromiter(itertools.chain.from_iterable(rows), np.int32, int(lens.sum())))
@@ -182,7 +213,8 @@ class BlockStore:
                     "max_len": max_len, "vocab_size": len(tokenizer),
                     "tokenizer": str(getattr(tokenizer, "name_or_path", "")),
                     "cls_id": tokenizer.cls_token_id, "sep_id": tokenizer.sep_token_id,
-                    "pad_id": tokenizer.pad_token_id}
+                    "pad_id": tokenizer.pad_token_id,
+                    "docs_cut": cut}  # documents whose text went past max_len: the rest is in no block
             (tmp / "meta.json").write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
         return cls.open(out_dir)
 

@@ -8,6 +8,7 @@ Every malformed line is a one-line `CorpusFormatError` that starts with `path:li
 from __future__ import annotations
 
 import contextlib
+import errno
 import gzip
 import json
 import os
@@ -193,6 +194,7 @@ def iter_corpus(path: str | os.PathLike) -> Iterator[Doc]:
 
 def _validated(path: Path, parsed: Iterable[tuple[int, Doc]]) -> Iterator[Doc]:
     first_seen: dict[str, int] = {}
+    lineno = 1
     for lineno, doc in parsed:
         if not doc.id:
             raise CorpusFormatError(path, lineno, "empty id")
@@ -202,6 +204,8 @@ def _validated(path: Path, parsed: Iterable[tuple[int, Doc]]) -> Iterator[Doc]:
             raise CorpusFormatError(path, lineno, f"duplicate id {doc.id!r} (first at line {first_seen[doc.id]})")
         first_seen[doc.id] = lineno
         yield doc
+    if not first_seen:  # an empty file, a header alone, blank lines, `{}`: nothing to tokenize or index
+        raise CorpusFormatError(path, lineno, "no documents in the file")
 
 
 def read_corpus(path: str | os.PathLike) -> list[Doc]:
@@ -221,20 +225,34 @@ def _tmp_name(target: Path, tag: str) -> Path:
 
 
 @contextlib.contextmanager
+def _naming(target: Path):
+    """An OSError while creating the temp file (or the parents) of `target` names `target`, not the temp name."""
+    try:
+        yield
+    except OSError as e:
+        raise type(e)(e.errno, f"cannot write here ({e.strerror})", str(target)) from None
+
+
+@contextlib.contextmanager
 def atomic_file(path: str | os.PathLike) -> Iterator[IO[str]]:
     """A UTF-8 text file that appears at `path` complete (fsynced, renamed) or, on any exception, not at all."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    if path.is_dir():
+        raise IsADirectoryError(errno.EISDIR, "is a directory, not a file", str(path))
     tmp = _tmp_name(path, "tmp")
-    try:
+    with _naming(path):
+        path.parent.mkdir(parents=True, exist_ok=True)
         # os.open with 0o666 honours the umask, unlike mkstemp's 0600: teammates can read the result.
-        with os.fdopen(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666), "w", encoding="utf-8") as f:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
             yield f
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
-        tmp.unlink(missing_ok=True)
+        with contextlib.suppress(OSError):  # a second error here would hide the first
+            tmp.unlink()
         raise
     fsync_path(path.parent)  # makes the rename itself survive a power loss
 
@@ -248,10 +266,11 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
     """
     path = Path(path)
     if path.exists() and not path.is_dir():
-        raise NotADirectoryError(f"not a directory: {path}")
-    path.parent.mkdir(parents=True, exist_ok=True)
+        raise NotADirectoryError(errno.ENOTDIR, "exists and is not a directory", str(path))
     tmp = _tmp_name(path, "tmp")
-    tmp.mkdir()
+    with _naming(path):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp.mkdir()
     try:
         yield tmp
         for f in tmp.rglob("*"):

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import re
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,12 +18,13 @@ import numpy as np
 import torch
 
 from realm_hpc.config import Config, ConfigError
-from realm_hpc.data.blocks import BlockStore
+from realm_hpc.data.blocks import BlockStore, cut_long_docs, max_chars
 from realm_hpc.data.corpus import read_corpus, write_jsonl
 from realm_hpc.data.masking import (SalientSpans, TokenizedSentence, char_to_token_span, mask_sentence,
                                     tokenize_sentences)
 from realm_hpc.data.tokenizer import load_tokenizer, train_wordpiece
 from realm_hpc.data.world import build_world
+from realm_hpc.dist import print0
 
 SPLITS = ("dev", "test")
 
@@ -96,7 +98,10 @@ class PretrainData:
             else:
                 texts = [f"{d.title} {d.text}" for d in docs]
                 tokenizer = train_wordpiece(texts, cfg.model.vocab_size, data_dir / "tokenizer")
-            BlockStore.build(docs, tokenizer, data_dir / "blocks", max_len=cfg.model.block_len)
+            cut = BlockStore.build(docs, tokenizer, data_dir / "blocks", max_len=cfg.model.block_len).meta["docs_cut"]
+            if cut:
+                print0(f"note: {cut} of {len(docs)} documents are longer than a block (model.block_len="
+                       f"{cfg.model.block_len} tokens): only their first tokens can be retrieved")
         self.tokenizer = load_tokenizer(cfg.model.pretrained or data_dir / "tokenizer")
         self.blocks = BlockStore.open(data_dir / "blocks")
         self.docs = docs
@@ -202,7 +207,9 @@ class PretrainData:
             text = doc.text if rng.random() < keep_prob else (doc.text[:a] + doc.text[b:]).strip()
             titles.append(doc.title)
             bodies.append(text)
-        blocks = self.tokenizer(titles, bodies, truncation="only_second", max_length=b_len, padding=True,
+        # longest_first cuts only the body while it is the longer part (every block of a real corpus), as only_second
+        # would, but also a title that alone overflows a short model.block_len, where only_second raises.
+        blocks = self.tokenizer(titles, bodies, truncation="longest_first", max_length=b_len, padding=True,
                                 return_tensors="pt")
         return queries, blocks
 
@@ -271,7 +278,13 @@ def _corpus_sentences(cfg: Config):
     gold: retrieval must find the article about the masked entity among the corpus, with the source excluded as
     in training. Sentences without such a span mask a random salient span and count for MLM accuracy only.
     """
-    docs = read_corpus(cfg.data.corpus)
+    docs, cut = cut_long_docs(read_corpus(cfg.data.corpus), cfg.model.block_len)
+    if cut:
+        doc_id, chars = max(cut, key=lambda c: c[1])
+        print0(f"warning: data.corpus: {len(cut)} document(s) cut to their first {max_chars(cfg.model.block_len):,} "
+               f"characters (the longest: id {doc_id!r}, {chars:,}): a block holds a document's first "
+               f"model.block_len={cfg.model.block_len} tokens and the rest is never retrieved; split long documents "
+               "into passages first (DPR: 100 words)", file=sys.stderr)
     finder = SalientSpans.from_texts(d.text for d in docs)
     by_title: dict[str, int] = {}
     for i, doc in enumerate(docs):

@@ -179,6 +179,8 @@ def char_to_token_span(offsets: np.ndarray, start: int, end: int) -> tuple[int, 
 
 def tokenize_sentences(tokenizer, texts: list[str], max_len: int,
                        finder: SalientSpans = _DEFAULT) -> list[TokenizedSentence]:
+    if not texts:  # a fast tokenizer raises IndexError on an empty batch (no held-out sentences, data.eval_examples=0)
+        return []
     enc = tokenizer(texts, add_special_tokens=False, return_offsets_mapping=True, truncation=True,
                     max_length=max_len - 2)
     out = []

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -17,9 +19,25 @@ def bert_config(cfg: ModelConfig, vocab_size: int, max_len: int) -> BertConfig:
                       attention_probs_dropout_prob=cfg.dropout)
 
 
+WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin", "model.safetensors.index.json",
+                "pytorch_model.bin.index.json")
+
+
+def pretrained_dir(path: str) -> str:
+    """`model.pretrained` checked before anything is built from it: a local HF model directory with its config and
+    weights (from_pretrained would raise an OSError deep inside transformers)."""
+    p = Path(path)
+    if not p.is_dir():
+        raise ConfigError(f"model.pretrained={path}: no such directory")
+    if not (p / "config.json").is_file() or not any((p / f).is_file() for f in WEIGHT_FILES):
+        raise ConfigError(f"model.pretrained={path}: not a Hugging Face model directory (needs config.json and "
+                          f"{' or '.join(WEIGHT_FILES[:2])})")
+    return path
+
+
 def build_bert(cfg: ModelConfig, vocab_size: int, max_len: int) -> BertModel:
     if cfg.pretrained:
-        return BertModel.from_pretrained(cfg.pretrained, add_pooling_layer=False)
+        return BertModel.from_pretrained(pretrained_dir(cfg.pretrained), add_pooling_layer=False)
     return BertModel(bert_config(cfg, vocab_size, max_len), add_pooling_layer=False)
 
 

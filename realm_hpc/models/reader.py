@@ -15,14 +15,41 @@ from transformers import BertForMaskedLM
 
 import kernels
 from realm_hpc.config import ModelConfig
-from realm_hpc.models.encoders import bert_config
+from realm_hpc.models.encoders import bert_config, pretrained_dir
+
+
+def copy_mixture_logp(vocab_logp: torch.Tensor, attn: torch.Tensor, input_ids: torch.Tensor, doc_mask: torch.Tensor,
+                      gate_logit: torch.Tensor) -> torch.Tensor:
+    """log(g p_vocab + (1 - g) p_copy) at each masked position: [n, T, V], in log space throughout.
+
+    vocab_logp [n, T, V]: the vocabulary log-softmax; attn [n, T, L]: attention logits from the masked positions over
+    the reader's tokens input_ids [n, L], of which only doc_mask [n, L] (z's tokens) may be copied; gate_logit
+    [n, T, 1]: g = sigmoid(gate_logit), the vocabulary's weight. A row without document tokens (the null document)
+    is the vocabulary alone. p_copy(v) = sum of the attention on z's copies of token v, summed relative to the row's
+    largest weight, so a token keeps its copy probability down to ~e^-87 of that weight (float32's normal range)
+    and a vocabulary probability far below float32's range stays a finite log (log(clamp_min(p, 1e-30)) was -69).
+    The scatter_add_ is nondeterministic on CUDA unless train.deterministic is set.
+    """
+    has_doc = doc_mask.any(dim=1)[:, None, None]
+    attn = attn.float().masked_fill(~doc_mask.unsqueeze(1), float("-inf"))
+    log_attn = F.log_softmax(torch.where(has_doc, attn, torch.zeros_like(attn)), dim=-1)
+    top = log_attn.detach().amax(dim=-1, keepdim=True)  # a shift only: log p_copy does not depend on it
+    rel = torch.zeros_like(vocab_logp).scatter_add_(
+        2, input_ids.unsqueeze(1).expand(-1, attn.size(1), -1), (log_attn - top).exp())
+    # log 0 = -inf without a NaN gradient: the where hands the clamped branch a zero gradient where rel = 0
+    log_copy = torch.where(rel > 0, rel.clamp_min(torch.finfo(rel.dtype).tiny).log(),
+                           torch.full_like(rel, float("-inf"))) + top
+    gate_logit = gate_logit.float()
+    log_gate = torch.where(has_doc, F.logsigmoid(gate_logit), torch.zeros_like(gate_logit))
+    log_not_gate = torch.where(has_doc, F.logsigmoid(-gate_logit), torch.full_like(gate_logit, float("-inf")))
+    return torch.logaddexp(log_gate + vocab_logp, log_not_gate + log_copy)
 
 
 class Reader(nn.Module):
     def __init__(self, cfg: ModelConfig, vocab_size: int):
         super().__init__()
         if cfg.pretrained:
-            self.mlm = BertForMaskedLM.from_pretrained(cfg.pretrained)
+            self.mlm = BertForMaskedLM.from_pretrained(pretrained_dir(cfg.pretrained))
         else:
             self.mlm = BertForMaskedLM(bert_config(cfg, vocab_size, cfg.reader_len))
         hidden = self.mlm.config.hidden_size
@@ -50,15 +77,7 @@ class Reader(nn.Module):
         if not self.copy_head:
             return vocab_logp
         attn = torch.einsum("nth,nlh->ntl", self.copy_query(at), self.copy_key(hidden)) / hidden.size(-1) ** 0.5
-        has_doc = doc_mask.any(dim=1)  # the null document has nothing to copy
-        attn = attn.float().masked_fill(~doc_mask.unsqueeze(1), float("-inf"))
-        attn = torch.where(has_doc[:, None, None], attn, torch.zeros_like(attn))
-        copy_p = torch.zeros_like(vocab_logp).scatter_add_(
-            2, input_ids.unsqueeze(1).expand(-1, at.size(1), -1), F.softmax(attn, dim=-1))
-        gate = torch.sigmoid(self.copy_gate(at).float())  # [n, T, 1] weight of the vocabulary softmax
-        gate = torch.where(has_doc[:, None, None], gate, torch.ones_like(gate))
-        mixed = gate * vocab_logp.exp() + (1 - gate) * copy_p
-        return torch.log(mixed.clamp_min(1e-30))
+        return copy_mixture_logp(vocab_logp, attn, input_ids, doc_mask, self.copy_gate(at))
 
     def target_logprob(self, input_ids, attention_mask, token_type_ids, positions, targets, target_mask,
                        doc_mask) -> torch.Tensor:

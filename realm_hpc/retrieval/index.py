@@ -2,6 +2,8 @@
 
 The index is stale by design (REALM): it is rebuilt from a recent doc-encoder snapshot and swapped in whole
 between steps. `weights_step` records which training step's weights built it, so staleness is observable.
+Its rows are split across ranks by arithmetic (`shard_range`): refreshers encode, and sharded trainers hold, the
+same kind of contiguous slices.
 """
 
 from __future__ import annotations
@@ -13,10 +15,20 @@ from tqdm import tqdm
 
 import kernels
 
+# index.live_dtype: what the trainers keep and search. bf16 halves a GPU's index (13.35M x 128: 3.4 GB instead of
+# 6.8 GB) and the kernel still accumulates in float32; the top-k's scores are recomputed by the current encoders
+# wherever the retriever trains (models/realm.py), so only which documents come back sees the rounding.
+LIVE_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+def shard_range(n: int, shards: int, i: int) -> range:
+    """Rows of shard i of n rows split into `shards` contiguous slices (sizes differ by at most one)."""
+    return range(n * i // shards, n * (i + 1) // shards)
+
 
 @dataclass
 class IndexSnapshot:
-    embeddings: torch.Tensor  # [N, P] float32
+    embeddings: torch.Tensor  # [N, P] float32 as encoded (a live index keeps them in its own dtype)
     version: int
     weights_step: int  # the training step whose doc-encoder weights produced these embeddings
 
@@ -24,17 +36,21 @@ class IndexSnapshot:
 class LiveIndex:
     """The index the trainer searches. `swap` replaces it whole; a search never sees a half-built index.
 
-    The embeddings live on the trainer's device (a GPU index is searched by the Triton kernel); a snapshot that
-    arrives elsewhere (a refresher's CPU array) is moved there by `swap`. device None: the first snapshot's."""
+    The embeddings live on the trainer's device (a GPU index is searched by the Triton kernel) in the index's dtype
+    (`index.live_dtype`); a snapshot that arrives elsewhere or in another dtype (a refresher's float32 CPU array) is
+    moved and cast by `swap`. device / dtype None: the first snapshot's."""
 
-    def __init__(self, snapshot: IndexSnapshot, device: torch.device | str | None = None):
+    def __init__(self, snapshot: IndexSnapshot, device: torch.device | str | None = None,
+                 dtype: torch.dtype | None = None):
         self.device = torch.device(device) if device is not None else snapshot.embeddings.device
+        self.dtype = dtype if dtype is not None else snapshot.embeddings.dtype
         self.snapshot = self._placed(snapshot)
 
     def _placed(self, snapshot: IndexSnapshot) -> IndexSnapshot:
-        if snapshot.embeddings.device == self.device:
+        emb = snapshot.embeddings
+        if emb.device == self.device and emb.dtype == self.dtype:
             return snapshot
-        return replace(snapshot, embeddings=snapshot.embeddings.to(self.device))
+        return replace(snapshot, embeddings=emb.to(self.device, self.dtype))
 
     @property
     def version(self) -> int:

@@ -11,7 +11,8 @@ Trainer 0 talks MPI only from a background thread that polls with short sleeps: 
 core, and a large message only moves while both sides call into MPI. The training loop just takes a finished
 index from a slot between steps (double buffer), so it never waits on a refresh.
 With several trainers, trainer 0 alone talks to the refreshers; `TrainerBroadcastRefresher` makes every trainer
-swap the same version at the same step (trainer 0 decides and broadcasts over torch.distributed).
+swap the same version at the same step (trainer 0 decides and broadcasts over torch.distributed; a sharded index
+gets each trainer only its rows).
 Refreshers that stop answering (`refresh.timeout_s`) are replaced, where the launcher allows it, by processes the
 trainers start together (`RefresherSpawner`: MPI_Comm_spawn over their own communicator); the protocol then runs
 over the inter-communicator, whose remote ranks 0..M-1 are the new refreshers.
@@ -28,17 +29,14 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from realm_hpc.retrieval.index import IndexSnapshot, LiveIndex, encode_blocks
+from realm_hpc.retrieval.index import IndexSnapshot, LiveIndex, encode_blocks, shard_range
+from realm_hpc.retrieval.sharded import build_index, swap_from_trainer0
 
 TAG_READY, TAG_HEADER, TAG_WEIGHTS, TAG_STOP, TAG_STATS, TAG_EMBEDDINGS = 10, 11, 12, 13, 14, 15
 _POLL_S = 0.002
 # A refresher is allowed this much longer than refresh.timeout_s for its first answer (TAG_READY): a process spawned
 # to replace a lost one imports torch and builds its encoder first.
 STARTUP_S = 120.0
-
-
-def shard_range(n: int, shards: int, i: int) -> range:
-    return range(n * i // shards, n * (i + 1) // shards)
 
 
 def flatten_params(module: torch.nn.Module) -> np.ndarray:
@@ -80,7 +78,8 @@ class RefreshEvent:
 
 
 class InlineRefresher:
-    """The blocking baseline (and the trainers-only debug path): re-encode every `every` steps, in the loop.
+    """The blocking baseline (and the trainers-only debug path): re-encode every `every` steps (0: never), in the
+    loop.
 
     With several trainers (`group`) each encodes its slice of the corpus; `build_index` gathers them or, for a
     sharded index, keeps them where they are.
@@ -91,14 +90,12 @@ class InlineRefresher:
         self.group, self.sharded = group, sharded
 
     def step_boundary(self, step: int, doc_encoder: torch.nn.Module, live: LiveIndex) -> RefreshEvent:
-        if step == 0 or step % self.every:
+        if self.every <= 0 or step == 0 or step % self.every:
             return RefreshEvent()
         t0 = time.perf_counter()
         if self.group is not None and self.group.distributed:
-            from realm_hpc.retrieval.sharded import build_index
-
             snapshot = build_index(doc_encoder, self.blocks, self.batch_size, live.version + 1, step, self.group,
-                                   self.sharded).snapshot
+                                   self.sharded, dtype=live.dtype).snapshot
         else:
             snapshot = IndexSnapshot(encode_blocks(doc_encoder, self.blocks, self.batch_size), live.version + 1, step)
         live.swap(snapshot)
@@ -219,7 +216,7 @@ class MPIRefresher:
     def maybe_send(self, step: int, doc_encoder: torch.nn.Module, version: int, weights_step: int) -> bool:
         # The first snapshot counts from the weights that built the live index, so v2 is never a re-encode of v1.
         last = self.last_sent if self.last_sent is not None else weights_step
-        if self.lost or self._busy or step - last < self.every:
+        if self.lost or self._busy or self.every <= 0 or step - last < self.every:  # every=0: never refresh
             return False
         self._todo.put((version + 1, step, flatten_params(doc_encoder)))
         self._busy, self.last_sent, self._sent_at = True, step, time.perf_counter()
@@ -346,8 +343,9 @@ class RefresherSpawner:
 
 class TrainerBroadcastRefresher:
     """Several trainers, one MPIRefresher (on trainer 0). At each step boundary trainer 0 broadcasts whether a new
-    version is in; if so, the embeddings follow (a torch.distributed broadcast) and every trainer swaps it in
-    before the same step. The decision is trainer 0's, so the trainers never disagree on the version they use."""
+    version is in; if so, the embeddings follow over torch.distributed (`swap_from_trainer0`: all rows to a
+    replicated index, each trainer's own rows to a sharded one) and every trainer swaps it in before the same step.
+    The decision is trainer 0's, so the trainers never disagree on the version they use."""
 
     def __init__(self, inner: MPIRefresher | None, group, n_docs: int, dim: int,
                  spawner: RefresherSpawner | None = None):
@@ -378,13 +376,8 @@ class TrainerBroadcastRefresher:
                     event.respawned = inter.Get_remote_size()
                 self.lost = not event.respawned
         if head[0]:
-            full = (done.embeddings.to(device) if done is not None
-                    else torch.empty(self.n_docs, self.dim, device=device))
-            dist.broadcast(full, src=0)
-            if hasattr(live, "swap_full"):
-                live.swap_full(full, int(head[1]), int(head[2]))
-            else:
-                live.swap(IndexSnapshot(full, int(head[1]), int(head[2])))
+            swap_from_trainer0(live, done.embeddings if done is not None else None, int(head[1]), int(head[2]),
+                               self.n_docs, self.dim, self.group)
             if self.inner is not None:
                 self.inner.fill_event(event)
             event.swapped = True

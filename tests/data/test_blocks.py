@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from realm_hpc.data.blocks import BlockStore
+from realm_hpc.data.blocks import BlockStore, cut_long_docs, max_chars
 from realm_hpc.data.corpus import Doc
 from realm_hpc.data.tokenizer import SPECIAL_TOKENS, load_tokenizer, train_wordpiece
 
@@ -248,3 +248,60 @@ def test_open_missing_store_is_one_line(tmp_path):
     with pytest.raises(FileNotFoundError) as info:
         BlockStore.open(tmp_path / "nothing")
     assert str(tmp_path / "nothing") in str(info.value) and "\n" not in str(info.value)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Documents longer than a block
+# ---------------------------------------------------------------------------------------------------------------
+
+CURIE = ("Marie Skłodowska-Curie (7 November 1867 – 4 July 1934) was a Polish and naturalised-French physicist and "
+         "chemist who conducted pioneering research on radioactivity. She was the first woman to win a Nobel Prize, "
+         "the first person to win a Nobel Prize twice, and the only person to win one in two sciences. ")
+
+
+def test_a_long_document_is_cut_at_a_space_to_what_a_block_can_hold(tok, tmp_path):
+    big = Doc(id="curie", title="Marie Curie", text=CURIE * 1000)  # ~300 KB
+    docs, cut = cut_long_docs([DOCS[0], big], max_len=32)
+    assert cut == [("curie", len(big.text))]
+    assert docs[0] == DOCS[0]  # a short document is untouched
+    kept = docs[1].text
+    assert len(kept) <= max_chars(32) and big.text.startswith(kept) and big.text[len(kept)] == " "
+    # The block is what the whole text gives: the cut keeps far more characters than 32 tokens need.
+    s = BlockStore.build([big, Doc("cut", big.title, kept)], tok, tmp_path / "s", max_len=32)
+    title = _ids(tok, big.title)
+    assert s.tokens(0).tolist() == [tok.cls_token_id, *title, tok.sep_token_id,
+                                    *_ids(tok, big.text)[:32 - 3 - len(title)], tok.sep_token_id]
+    assert s.tokens(1).tolist() == s.tokens(0).tolist()
+    assert s.meta["docs_cut"] == 2  # both texts went past their block
+
+
+def test_the_store_counts_the_documents_it_cut(store, tok, tmp_path):
+    assert store.meta["docs_cut"] == 0  # every DOCS text fits 288 tokens
+    exact = Doc("exact", "", " ".join(["fox"] * 13))  # 13 tokens + [CLS] [SEP] [SEP] = 16: fits, not cut
+    s = BlockStore.build([exact, Doc("over", "", " ".join(["fox"] * 14))], tok, tmp_path / "s", max_len=16)
+    assert s.meta["docs_cut"] == 1 and len(s.tokens(0)) == len(s.tokens(1)) == 16
+
+
+def test_pretraining_data_warns_once_and_trains_only_on_the_kept_text(tmp_path, capsys):
+    """A multi-megabyte document took ~50 s to tokenize (4.7 MB, 36k sentences) and its sentences became queries
+    whose source block did not hold them; it is cut to max_chars(model.block_len) with one warning line."""
+    import json
+
+    from realm_hpc.config import apply_overrides
+    from realm_hpc.data.examples import PretrainData
+    from realm_hpc.recipes import get_recipe
+
+    corpus = tmp_path / "c.jsonl"
+    rows = [{"id": str(i), "title": f"Page {i}", "text": line} for i, line in enumerate(_TEXTS[:40])]
+    rows.append({"id": "curie", "title": "Marie Curie", "text": CURIE * 7000})  # ~2 MB
+    corpus.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+    cfg = apply_overrides(get_recipe("tiny"), [f"data.corpus={corpus}", "model.block_len=64", "model.vocab_size=300",
+                                               "data.dev_examples=0"])
+    data = PretrainData(cfg, tmp_path / "run")
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("warning: data.corpus: 1 document(s) cut to their first 2,048 "
+                                              "characters (the longest: id 'curie', 2,"), err
+    curie = data.blocks.index_of("curie")
+    assert len(data.docs[curie].text) <= max_chars(64)
+    spans = data.train.span[data.train.doc == curie]
+    assert len(spans) and spans.max() <= max_chars(64)  # no query from past the cut

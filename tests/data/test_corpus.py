@@ -174,3 +174,14 @@ def test_atomic_dir_swaps_in_whole_directories_only(tmp_path):
         (tmp / "c").write_text("2")
     assert sorted(os.listdir(out)) == ["c"]  # replaced, not merged
     assert os.listdir(tmp_path) == ["store"]  # no temp or old dirs left beside it
+
+
+@pytest.mark.parametrize("name, content", [("c.jsonl", ""), ("c.jsonl", "\n\n"), ("c.tsv", "id\ttext\ttitle\n"),
+                                           ("c.tsv", ""), ("c.json", "{}"), ("c.jsonl.gz", gzip.compress(b""))])
+def test_a_corpus_without_documents_is_one_line(tmp_path, name, content):
+    """An empty or header-only corpus used to reach the tokenizer, which raised IndexError."""
+    path = _write(tmp_path, name, content)
+    with pytest.raises(CorpusFormatError) as err:
+        read_corpus(path)
+    assert str(err.value).startswith(f"{path}:1: ") and "\n" not in str(err.value)
+    assert "no documents" in str(err.value) or "expected header" in str(err.value)

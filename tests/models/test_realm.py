@@ -323,3 +323,38 @@ def test_pca_projection_is_the_corpus_principal_subspace_scaled(cfg, data):
     assert torch.equal(model.retriever.doc.proj.weight, w)
     with pytest.raises(ConfigError, match="model.proj_dim"):
         model.retriever.init_projection_pca(pooled[:, : P // 2], 20.0)
+
+
+def test_bf16_live_index_retrieves_near_top_docs_and_the_current_encoders_score_them(cfg, data, model):
+    """index.live_dtype=bf16: half the bytes; every document it returns is a float32 top-k one up to bf16 rounding
+    (an untrained model's near-ties may swap), the retrieved documents' relevance comes from the current encoders
+    (so where it returns the float32 index's documents the loss is the same to the bit), and the stale scores of
+    the frozen-retriever path are the float32 ones up to that rounding."""
+    model.eval()
+    batch = data.train_batch(0, 16, seed=0)
+    fp32 = fresh_index(model, data, cfg, 1, 0)
+    bf16 = fresh_index(model, data, replace(cfg, index=replace(cfg.index, live_dtype="bf16")), 1, 0)
+    emb = fp32.snapshot.embeddings
+    assert bf16.snapshot.embeddings.dtype == torch.bfloat16
+    torch.testing.assert_close(bf16.snapshot.embeddings.float(), emb, rtol=2 ** -8, atol=0)
+    with torch.no_grad():
+        q = model.retriever.query(batch.query_ids, batch.query_mask)
+        exact = q @ emb.T
+        # bf16 rounds q and g to 8 significant bits: a score moves by at most ~2^-8 of sum_i |q_i g_i|
+        tol = 2 ** -7 * (q.abs() @ emb.abs().T)
+        _, ids = bf16.search(q, K)
+        kth = exact.topk(K, dim=1).values[:, -1:]
+        assert (exact.gather(1, ids) >= kth - tol.max(dim=1, keepdim=True).values).all()
+
+        out32 = model(batch, data, fp32, K, train_retriever=True)
+        out16 = model(batch, data, bf16, K, train_retriever=True)
+        docs = out16.doc_ids[:, :K]
+        torch.testing.assert_close(out16.scores[:, :K], exact.gather(1, docs))  # re-scored, not the bf16 index's
+        same = (out16.doc_ids == out32.doc_ids).all(dim=1)
+        assert same.any() and torch.isfinite(out16.log_marginal).all()
+        assert torch.equal(out16.log_marginal[same], out32.log_marginal[same])
+
+        stale = model(batch, data, bf16, K, train_retriever=False)  # warm-up / frozen retriever: the index's scores
+        assert torch.isfinite(stale.log_marginal).all()
+        err = (stale.scores[:, :K] - exact.gather(1, stale.doc_ids[:, :K])).abs()
+        assert (err <= tol.gather(1, stale.doc_ids[:, :K])).all()

@@ -211,7 +211,7 @@ def test_retrieve_queries_malformed_line(indexes, tmp_path, capsys, line, reason
 
 
 def test_retrieve_needs_one_of_question_and_queries(indexes, tmp_path, capsys):
-    for args in ([], ["who", "--queries", str(tmp_path / "q.txt")]):
+    for args in ([], ["who", "--queries", str(tmp_path / "q.txt")], ["   "]):
         with pytest.raises(SystemExit) as exc:
             main(["retrieve", "--index", str(indexes["exact", "fp32"]), *args])
         assert exc.value.code == 2 and "--queries" in capsys.readouterr().err
