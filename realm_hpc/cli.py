@@ -59,6 +59,10 @@ def _parser() -> argparse.ArgumentParser:
     ev.add_argument("--index", action="append", default=[], metavar="INDEX_DIR",
                     help="with --qa: an index directory (dense or bm25), repeatable; one table row each, no reader")
     ev.add_argument("--out", help="with --index: the JSON file (default runs/eval/NAME.retrieval.json)")
+    ev.add_argument("--hybrid", action="store_true",
+                    help="with --index: one more row per dense and BM25 index pair, their score fusion")
+    ev.add_argument("--hybrid-weight", type=float, default=0.5, metavar="W",
+                    help="with --hybrid: the dense side's weight after min-max normalisation (default 0.5)")
 
     ex = sub.add_parser("export", help="a run's query encoder, doc encoder and reader as plain HF directories")
     ex.add_argument("--run", required=True, help="a run directory (its checkpoint)")
@@ -70,6 +74,9 @@ def _parser() -> argparse.ArgumentParser:
     bi.add_argument("--checkpoint", help="a checkpoint directory (config.json in it or beside it); needs --corpus")
     bi.add_argument("--corpus", help="DPR .tsv or .jsonl corpus to encode (with --checkpoint) or to index (bm25)")
     bi.add_argument("--out", required=True, help="the index directory (written atomically)")
+    bi.add_argument("--start", action="store_true",
+                    help="with --run: the retriever the run started REALM from (rebuilt from its config; needs "
+                         "ict.steps=0), not its checkpoint's")
     bi.add_argument("--backend", help="exact | faiss-flat | faiss-ivfpq (index.backend) | bm25 (bm25s, no encoder)")
     bi.add_argument("--dtype", help="embeddings.npy storage: fp32 | fp16 | bf16 (index.dtype)")
     bi.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
@@ -205,10 +212,13 @@ def cmd_evaluate(args) -> None:
         from realm_hpc.evaluate import compare_retrievers
 
         out = Path(args.out or Path("runs") / "eval" / f"{Path(args.qa).name.split('.')[0]}.retrieval.json")
-        _, table = compare_retrievers(args.qa, args.index, out)
+        _, table = compare_retrievers(args.qa, args.index, out, hybrid_weight=args.hybrid_weight if args.hybrid
+                                      else None)
         print(table)
         print(f"wrote {out}")
         return
+    if args.hybrid:
+        raise ConfigError("--hybrid goes with --qa FILE --index INDEX_DIR ...")
     if not args.run:
         raise ConfigError("evaluate needs --run DIR, or --qa FILE with --index INDEX_DIR")
     if args.out:
@@ -238,8 +248,8 @@ def cmd_build_index(args) -> None:
     if args.backend == "bm25":
         if bool(args.run) == bool(args.corpus) or args.checkpoint:
             raise ConfigError("build-index --backend bm25 needs --corpus FILE or --run DIR (no checkpoint)")
-        if args.dtype or args.set:
-            raise ConfigError("build-index --backend bm25 takes no --dtype or --set (it stores no embeddings)")
+        if args.dtype or args.set or args.start:
+            raise ConfigError("build-index --backend bm25 takes no --dtype, --set or --start (it stores no embeddings)")
         count = build_bm25_index_dir(args.out, run=args.run, corpus=args.corpus)
         print(f"wrote {args.out} ({count} documents, bm25)")
         return
@@ -248,7 +258,7 @@ def cmd_build_index(args) -> None:
     index_sets = [f"index.{key}={value}" for key, value in (("backend", args.backend), ("dtype", args.dtype))
                   if value]
     cfg, count = build_index_dir(args.out, [*args.set, *index_sets], run=args.run, checkpoint=args.checkpoint,
-                                 corpus=args.corpus)
+                                 corpus=args.corpus, start=args.start)
     print(f"wrote {args.out} ({count} documents, dim {cfg.model.proj_dim}, {cfg.index.dtype}, {cfg.index.backend})")
 
 

@@ -138,6 +138,16 @@ class TrainConfig:
     # vocabulary instead of copying (wiki, README).
     warmup_loss: str = "marginal"
     retriever_freeze_steps: int = 0  # REALM steps with the retriever frozen after the warm-up
+    # From the reader warm-up on, the doc encoder keeps its start weights (after ICT) and only the query encoder
+    # learns: the index then stays exact without a refresh, REALM scores the top-k from it instead of re-encoding
+    # them, and the final index is the start's (no re-encode). REALM's stale-index gradient reaches a trained doc
+    # encoder only through the re-scored top-k; with no refresh in a short run it moves the doc encoder away from
+    # the index it searches (wiki, README).
+    freeze_doc_encoder: bool = False
+    # With freeze_doc_encoder: REALM's loss + this x mean ||f(x) - g(x)||^2 over each batch's queries with their masked
+    # tokens put back. The frozen g is where f started (both encoders start as one when ict.steps=0), so f keeps its
+    # ranking of plain sentences and questions while it learns the cloze queries (wiki, README). 0 = off.
+    query_anchor: float = 0.0
     seed: int = 0
     log_every: int = 10
     eval_every: int = 100
@@ -155,6 +165,8 @@ class TrainConfig:
 @dataclass(kw_only=True)
 class EvalConfig:
     closed_book_baseline: bool = False  # also train the reader closed-book with the same budget
+    # Also BM25 (bm25s) over the run's documents on the test split: gold recall@1/k/20 beside the dense retriever's
+    bm25_baseline: bool = False
     batch_size: int = 32
 
 
@@ -233,6 +245,9 @@ class Config:
             (self.train.batch_size >= 1, "train.batch_size must be >= 1"),
             (self.train.grad_accum >= 1, "train.grad_accum must be >= 1"),
             (self.train.warmup_loss in ("marginal", "per_doc"), "train.warmup_loss must be 'marginal' or 'per_doc'"),
+            (self.train.query_anchor >= 0 and (self.train.query_anchor == 0 or self.train.freeze_doc_encoder),
+             "train.query_anchor must be >= 0 and needs train.freeze_doc_encoder=true (the frozen doc encoder is the "
+             "anchor)"),
             (0.0 <= self.model.dropout < 1.0, "model.dropout must be in [0, 1)"),
             (0.0 <= self.data.world_alias_rate <= 1.0, "data.world_alias_rate must be in [0, 1]"),
             (self.model.query_len < self.model.reader_len, "model.query_len must be < model.reader_len"),

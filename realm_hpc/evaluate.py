@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from realm_hpc.checkpoint import atomic_write_json
-from realm_hpc.data.examples import PretrainData
+from realm_hpc.data.examples import EvalExample, PretrainData
 from realm_hpc.data.qa import QAExample, has_answer, read_qa
 from realm_hpc.models.realm import Realm
 from realm_hpc.retrieval.index import LiveIndex
@@ -37,14 +37,44 @@ def _retrieved(model: Realm, data: PretrainData, index: LiveIndex, k: int, batch
         model.train(was)
 
 
-def _gold_recall(retrieved) -> float:
-    hits = [bool(set(row) & set(e.gold)) for e, row in retrieved if e.gold]
+def recall_ks(k: int) -> tuple[int, ...]:
+    """The depths a run reports gold recall at: 1, its retrieval.k and 20 (the wiki run's recall@1/4/20)."""
+    return tuple(sorted({1, k, 20}))
+
+
+def _gold_recall(retrieved, k: int | None = None) -> float:
+    """Share of the examples with gold whose gold is in their top k rows (all rows: k None)."""
+    hits = [bool(set(row[:k]) & set(e.gold)) for e, row in retrieved if e.gold]
     return sum(hits) / len(hits) if hits else float("nan")
 
 
-def _span_hits(data: PretrainData, retrieved) -> list[bool]:
-    return [any(_contains(data.blocks.tokens(d)[1:], e.sentence.ids[e.span[0]:e.span[1]]) for d in row)
+def gold_recalls(retrieved, ks: tuple[int, ...]) -> dict[int, float]:
+    """{k: recall@k} from (example, rows best first) pairs searched once at depth max(ks) (or the whole index)."""
+    return {k: _gold_recall(retrieved, k) for k in ks}
+
+
+def _span_hits(data: PretrainData, retrieved, k: int | None = None) -> list[bool]:
+    return [any(_contains(data.blocks.tokens(d)[1:], e.sentence.ids[e.span[0]:e.span[1]]) for d in row[:k])
             for e, row in retrieved]
+
+
+def bm25_retrieved(data: PretrainData, depth: int, *, split: str,
+                   batch_size: int = 256) -> list[tuple[EvalExample, list[int]]]:
+    """(held-out example, its top-`depth` block ids by BM25, source excluded) for every example of a split. BM25 is
+    bm25s over the run's documents (retrieval/bm25.py: title + full text, as a `--backend bm25` index directory
+    holds them), built here; the query is the sentence with its masked span cut out (EvalExample.text_without_span),
+    so BM25 sees what the query encoder sees besides [MASK]."""
+    from bm25s.stopwords import STOPWORDS_EN
+
+    from realm_hpc.retrieval import bm25
+
+    retriever = bm25.build([d.title for d in data.docs], [d.text for d in data.docs])
+    examples, out = data.heldout(split), []
+    for a in range(0, len(examples), batch_size):
+        chunk = examples[a:a + batch_size]
+        _, rows = bm25.search(retriever, STOPWORDS_EN, [e.text_without_span() for e in chunk], depth + 1)
+        out += [(e, [r for r in row if r != e.source][:depth]) for e, row in zip(chunk, rows.tolist())]
+    return out
 
 
 def recall_at_k(model: Realm, data: PretrainData, index: LiveIndex, k: int, *, split: str,
@@ -67,10 +97,12 @@ def spans_in_top_k(model: Realm, data: PretrainData, index: LiveIndex, k: int, *
 
 
 def retrieval_metrics(model: Realm, data: PretrainData, index: LiveIndex, k: int, *, split: str,
-                      batch_size: int = 64) -> tuple[float, list[bool]]:
-    """(recall_at_k, spans_in_top_k) from one encoding and search of the held-out queries."""
-    retrieved = list(_retrieved(model, data, index, k, batch_size, split))
-    return _gold_recall(retrieved), _span_hits(data, retrieved)
+                      batch_size: int = 64) -> tuple[dict[int, float], list[bool]]:
+    """({j: recall@j for j in recall_ks(k)}, spans_in_top_k at k) from one encoding and one search of the held-out
+    queries, as deep as the deepest j (at most the corpus less the excluded source)."""
+    depth = min(max(recall_ks(k)), len(data.blocks) - 1)
+    retrieved = list(_retrieved(model, data, index, depth, batch_size, split))
+    return gold_recalls(retrieved, recall_ks(k)), _span_hits(data, retrieved, k)
 
 
 def _scored_tokens(data: PretrainData, *, split: str, batch_size: int = 64) -> list[int]:
@@ -139,8 +171,9 @@ def heldout_metrics(model: Realm, data: PretrainData, index: LiveIndex, k: int, 
     held-out split, keyed as in the run's summary.json (test_..., dev_...)."""
     out = {}
     for split in ("test", "dev"):
-        recall, reach = retrieval_metrics(model, data, index, k, split=split)
-        out.update({f"{split}_recall_at_{k}": recall, f"{split}_chance_recall_at_{k}": data.chance_recall(k, split),
+        recalls, reach = retrieval_metrics(model, data, index, k, split=split)
+        out.update({f"{split}_recall_at_{j}": r for j, r in recalls.items()})
+        out.update({f"{split}_chance_recall_at_{k}": data.chance_recall(k, split),
                     f"{split}_span_in_top_{k}": share(reach),
                     f"{split}_mlm_acc_retrieval": mlm_accuracy(model, data, index, k, split=split,
                                                                batch_size=batch_size),
@@ -195,11 +228,21 @@ def retrieval_table(rows: list[dict], ks: tuple[int, ...] = RETRIEVAL_KS) -> str
 
 
 def compare_retrievers(qa_file: str | Path, index_dirs: list[str | Path], out: str | Path,
-                       ks: tuple[int, ...] = RETRIEVAL_KS) -> tuple[list[dict], str]:
-    """`realm-hpc evaluate --qa FILE --index DIR [--index DIR ...]`: every index on the same questions, no reader.
-    Writes the rows to the JSON file ``out`` (atomically); returns them and their Markdown table."""
+                       ks: tuple[int, ...] = RETRIEVAL_KS, hybrid_weight: float | None = None) -> tuple[list[dict], str]:
+    """`realm-hpc evaluate --qa FILE --index DIR [--index DIR ...] [--hybrid]`: every index on the same questions, no
+    reader; with `hybrid_weight`, one more row per (dense, BM25) pair of them: their score fusion
+    (retrieval/hybrid.py, that weight on the dense side). Writes the rows to the JSON file ``out`` (atomically);
+    returns them and their Markdown table."""
+    from realm_hpc.retrieval.hybrid import DEPTH, HybridIndex
+
     examples = read_qa(qa_file)  # every line checked before any index is opened
     indexes = [open_index(d) for d in index_dirs]  # every index checked before any search
+    if hybrid_weight is not None:
+        sparse = [i for i in indexes if i.meta["backend"] == "bm25"]
+        dense = [i for i in indexes if i.meta["backend"] != "bm25"]
+        if not (sparse and dense):
+            raise ValueError("--hybrid fuses a dense and a BM25 index: give at least one --index of each")
+        indexes += [HybridIndex(d, b, hybrid_weight) for d in dense for b in sparse]
     for index in indexes:
         index.require_texts()
     rows = [retrieval_accuracy(index, examples, ks) for index in indexes]
@@ -208,5 +251,8 @@ def compare_retrievers(qa_file: str | Path, index_dirs: list[str | Path], out: s
                                                     "(realm_hpc.data.qa.has_answer)",
                                   "gold_recall_at_k": "a gold passage id (gold_id / positive_ctxs) is in the top k, "
                                                       "over the questions that name one",
+                                  "hybrid": None if hybrid_weight is None else
+                                  f"per question, each index's top {DEPTH} min-max "
+                                  f"normalised, {hybrid_weight:g} x dense + {1 - hybrid_weight:g} x bm25",
                                   "rows": rows})
     return rows, retrieval_table(rows, ks)

@@ -6,6 +6,7 @@ with one warning line and training goes on."""
 from __future__ import annotations
 
 import json
+import math
 import os
 import sys
 from pathlib import Path
@@ -142,6 +143,7 @@ _PANELS = [
     ("MLM accuracy", lambda k: _base(k).removeprefix("dev_").removeprefix("test_").startswith("mlm_acc")),
 ]
 _SYSTEM_KEYS = ("staleness", "wait_s")
+_FEW_POINTS = 30  # a series with at most this many points is drawn with a marker on each
 
 
 def _numeric_or_none(v: Any) -> bool:
@@ -171,9 +173,26 @@ def _series(rows: list[dict], key: str) -> tuple[list[int], list[float]]:
     return xs, ys
 
 
+def _lone(ys: list[float]) -> list[bool]:
+    """Points with no finite neighbour: a line through them draws nothing, a marker shows them."""
+    ok = [math.isfinite(y) for y in ys]
+    return [ok[i] and not (i > 0 and ok[i - 1]) and not (i + 1 < len(ok) and ok[i + 1]) for i in range(len(ok))]
+
+
 def plot_curves(run_dir: str | os.PathLike) -> Path | None:
     """Write run_dir/curves.png (atomically) from run_dir/metrics.jsonl. Returns the PNG path, or None (one warning
     line) where matplotlib is not installed."""
+    run_dir = Path(run_dir)
+    fig = curves_figure(read_metrics(run_dir / METRICS_FILE))
+    if fig is None:
+        return None
+    return atomic_write(run_dir / CURVES_FILE, lambda f: fig.savefig(f, format="png", dpi=100))
+
+
+def curves_figure(rows: list[dict]):
+    """The figure of curves.png from metrics rows: loss, recall@k and MLM accuracy panels (and staleness / wait),
+    refreshes marked; None (one warning line) where matplotlib is not installed. Series of evaluations (a few
+    points) are drawn with markers, so a lone point shows."""
     # Figure + Agg canvas directly, not pyplot: no global backend switch, no figure registry to leak in long runs.
     try:
         from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -182,8 +201,6 @@ def plot_curves(run_dir: str | os.PathLike) -> Path | None:
         print(f"warning: no {CURVES_FILE} ({exc}); {METRICS_FILE} has the curves' data", file=sys.stderr, flush=True)
         return None
 
-    run_dir = Path(run_dir)
-    rows = read_metrics(run_dir / METRICS_FILE)
     scalar_rows = [r for r in rows if "event" not in r]
     keys = list(dict.fromkeys(k for r in scalar_rows for k, v in r.items() if k != "step" and _numeric_or_none(v)))
     panels = [(title, [k for k in keys if match(k)]) for title, match in _PANELS]
@@ -207,14 +224,19 @@ def plot_curves(run_dir: str | os.PathLike) -> Path | None:
         for i, k in enumerate(panel_keys):
             # Seconds and steps-behind differ by orders of magnitude: wait_s gets its own y axis on the right.
             target = ax.twinx() if _base(k) == "wait_s" and len(panel_keys) > 1 else ax
-            lines += target.plot(*_series(scalar_rows, k), label=k, lw=1, color=f"C{i}")
+            xs, ys = _series(scalar_rows, k)
+            # An evaluation series has a handful of points (start, every train.eval_every, end): markers on all of
+            # them; a long series (the loss) keeps a plain line, with markers only where a point stands alone.
+            few = len(xs) <= _FEW_POINTS
+            lines += target.plot(xs, ys, label=k, lw=1, color=f"C{i}", marker="o", ms=3,
+                                 markevery=None if few else [j for j, lone in enumerate(_lone(ys)) if lone])
         for s in refresh:
             ax.axvline(s, ls="--", lw=0.7, color="gray", alpha=0.7)
         ax.legend(lines, [ln.get_label() for ln in lines], fontsize=7, loc="best")
         ax.grid(alpha=0.3)
     axes[-1].set_xlabel("step" + ("  (dashed: index refresh)" if refresh else ""))
     fig.tight_layout()
-    return atomic_write(run_dir / CURVES_FILE, lambda f: fig.savefig(f, format="png", dpi=100))
+    return fig
 
 
 def format_summary(summary: dict) -> str:

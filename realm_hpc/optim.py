@@ -62,7 +62,8 @@ def param_groups(model, cfg: Config | StepPlan, retriever_lr: float) -> list[dic
     """The reader at the plan's learning rate, the retriever side (`model.retriever`) at `retriever_lr`; with
     head_lr_scale != 1 the reader's heads (everything but its BERT body `mlm.bert`) get their own group."""
     plan = step_plan(cfg)
-    retriever = {"params": list(model.retriever.parameters()), "lr": retriever_lr}
+    # A frozen doc encoder (train.freeze_doc_encoder) stays out of the optimizer (DeepSpeed wants trainable ones only)
+    retriever = {"params": [p for p in model.retriever.parameters() if p.requires_grad], "lr": retriever_lr}
     if plan.head_lr_scale == 1.0:
         return [{"params": list(model.reader.parameters()), "lr": plan.lr}, retriever]
     named = list(model.reader.named_parameters())

@@ -300,10 +300,20 @@ def load_checkpoint_dir(ckpt: str | Path):
     return cfg, tokenizer, model
 
 
+def frozen_doc_index(run: str | Path):
+    """The index [N, D] in a run's checkpoint, or None (a checkpoint written before REALM holds none). For a run with
+    train.freeze_doc_encoder it is its doc encoder's encoding of the corpus, as build-index would compute it."""
+    from realm_hpc.checkpoint import load_checkpoint
+
+    index = load_checkpoint(Path(run) / "checkpoint").get("index")
+    return None if index is None else index["embeddings"]
+
+
 def build_index_dir(out: str | Path, overrides: list[str], run: str | None = None, checkpoint: str | None = None,
-                    corpus: str | None = None) -> tuple[Config, int]:
+                    corpus: str | None = None, start: bool = False) -> tuple[Config, int]:
     """`build-index`: encode a run's corpus with its doc encoder (`run`), or a new `corpus` with a checkpoint's
-    (`checkpoint`), into the index directory `out`. Returns the config used and the document count."""
+    (`checkpoint`), into the index directory `out`. `start` (with `run`): the retriever the run started REALM from
+    instead of its checkpoint's (train.rebuild_start). Returns the config used and the document count."""
     import tempfile
 
     from realm_hpc.data.blocks import BlockStore
@@ -314,8 +324,18 @@ def build_index_dir(out: str | Path, overrides: list[str], run: str | None = Non
     if run:
         cfg, data, model = load_run(run)
         cfg = apply_overrides(cfg, overrides)
-        build_index(model, data.blocks, data.tokenizer, cfg, out, texts=[d.text for d in data.docs])
+        # A run that froze its doc encoder keeps that encoder's exact index in its checkpoint: no second encode.
+        embeddings = frozen_doc_index(run) if cfg.train.freeze_doc_encoder else None
+        if start:
+            from realm_hpc.train import rebuild_start
+
+            model, embeddings = rebuild_start(cfg, data, None if embeddings is None else (model, embeddings))
+        # float32 whatever index.live_dtype the run searched in: the index directory's vectors are faiss's.
+        build_index(model, data.blocks, data.tokenizer, cfg, out, texts=[d.text for d in data.docs],
+                    embeddings=None if embeddings is None else embeddings.float())
         return cfg, len(data.blocks)
+    if start:
+        raise ConfigError("build-index --start needs --run DIR (the run's config rebuilds its start)")
     cfg, tokenizer, model = load_checkpoint_dir(checkpoint)
     cfg = apply_overrides(cfg, overrides)
     docs = read_corpus(corpus)

@@ -26,8 +26,9 @@ from realm_hpc.config import Config, ConfigError
 from realm_hpc.data.examples import Batch, PretrainData
 from realm_hpc.device import group_device
 from realm_hpc.dist import TrainerGroup, barrier, broadcast_from_trainer0, mean_over_trainers, print0
-from realm_hpc.evaluate import (heldout_metrics, mlm_accuracy, mlm_token_hits, paired_sign_test, per_example,
-                                per_token, recall_at_k, retrieval_metrics, share)
+from realm_hpc.evaluate import (bm25_retrieved, gold_recalls, heldout_metrics, mlm_accuracy, mlm_token_hits,
+                                paired_sign_test, per_example, per_token, recall_at_k, recall_ks, retrieval_metrics,
+                                share)
 from realm_hpc.metrics import MetricsLogger, plot_curves
 from realm_hpc.models.encoders import pretrained_dir
 from realm_hpc.models.realm import Realm
@@ -51,6 +52,7 @@ class RunState:
     ict_done: bool = False
     ict_steps: int = 0
     test_recall_start: float = float("nan")  # recall@k of the start index on test (the summary's start)
+    test_recalls_start: dict = field(default_factory=dict)  # {j: recall@j} for j in evaluate.recall_ks(k)
     test_span_in_top_k_start: float = float("nan")
     dev_recall_start: float = float("nan")  # ICT's early stopping starts from this
     dev_recall_after_ict: float = float("nan")
@@ -89,6 +91,47 @@ def check_corpus_sizes(cfg: Config, data: PretrainData) -> None:
     if cfg.ict.steps > 0 and cfg.ict.batch_size > sentences:
         raise ConfigError(f"ict.batch_size={cfg.ict.batch_size} is more than the {sentences} training sentences of "
                           f"{where}")
+
+
+def start_index(model: Realm, data: PretrainData, cfg: Config, group: TrainerGroup = TrainerGroup(),
+                device: torch.device | str | None = None) -> LiveIndex:
+    """Index v0 of the untrained retriever. With `model.proj_init=pca` the corpus is encoded up to the projection,
+    the projection (of both encoders) becomes the top principal directions of those vectors, and the index is their
+    projection: one pass over the corpus either way."""
+    if cfg.model.proj_init != "pca":
+        return fresh_index(model, data, cfg, 0, 0, group)
+    pooled = full_embeddings(build_index(model.retriever.doc, data.blocks, cfg.refresh.batch_size, 0, 0, group,
+                                         sharded=False, pooled=True))
+    emb = model.retriever.init_projection_pca(pooled, cfg.model.pca_score_scale)
+    if group.distributed:  # nodes' SVDs may differ in the last bits: all trainers take trainer 0's directions
+        w = broadcast_from_trainer0(model.retriever.doc.proj.weight.data, group)
+        for enc in (model.retriever.query, model.retriever.doc):
+            enc.proj.weight.data.copy_(w)
+        emb = pooled.to(w.device) @ w.T
+    print0(f"model.proj_init=pca: projection = the top {cfg.model.proj_dim} principal directions of the corpus's "
+           f"{pooled.shape[1]}-d vectors")
+    return index_from_full(emb, 0, 0, group, cfg.index.sharded, device, LIVE_DTYPES[cfg.index.live_dtype])
+
+
+def rebuild_start(cfg: Config, data: PretrainData,
+                  frozen: tuple[Realm, torch.Tensor] | None = None) -> tuple[Realm, torch.Tensor]:
+    """The retriever a run with ict.steps=0 starts REALM from, rebuilt (`build-index --start`), with the start index's
+    embeddings [N, D]: the run's seeded initialisation (or pretrained weights) and, with model.proj_init=pca, the same
+    projection (one pass over the corpus). `frozen`: the run's (model, index) when its doc encoder was frozen; both
+    encoders start as one (Retriever, init_projection_pca) and the doc encoder kept its start, so the start is the
+    doc encoder on both sides and that index, and nothing is encoded. An ICT-trained start is kept nowhere: refused."""
+    from realm_hpc.config import ConfigError
+
+    if cfg.ict.steps > 0:
+        raise ConfigError(f"build-index --start: the run trained its retriever with ICT first (ict.steps="
+                          f"{cfg.ict.steps}); only a run with ict.steps=0 starts REALM from weights its config rebuilds")
+    if frozen is not None:
+        model, embeddings = frozen
+        model.retriever.query.load_state_dict(model.retriever.doc.state_dict())
+        return model, embeddings
+    torch.manual_seed(cfg.train.seed)  # as Pretrainer.run before it builds the model
+    model = Realm(cfg, data.vocab_size).eval()
+    return model, full_embeddings(start_index(model, data, cfg))
 
 
 def batch_rows(batch: Batch, a: int, b: int) -> Batch:
@@ -162,13 +205,15 @@ class Pretrainer:
         k = cfg.retrieval.k
         start = self.start_index()
         # One of the two reads of test (the end is the other): where the run starts, reported in the summary.
-        state.test_recall_start, reach = retrieval_metrics(model, data, start, k, split="test")
+        state.test_recalls_start, reach = retrieval_metrics(model, data, start, k, split="test")
+        state.test_recall_start = state.test_recalls_start[k]
         state.test_span_in_top_k_start = share(reach)
-        state.dev_recall_start = recall_at_k(model, data, start, k, split="dev")
+        dev_recalls, _ = retrieval_metrics(model, data, start, k, split="dev")
+        state.dev_recall_start = dev_recalls[k]
         print0(f"recall@{k} at start: test {state.test_recall_start:.3f} (chance {data.chance_recall(k, 'test'):.3f}), "
                f"dev {state.dev_recall_start:.3f}; masked span in a top-{k} doc (test): "
                f"{state.test_span_in_top_k_start:.3f}")
-        self.log.log(0, phase="ict", test_recall_at_k=state.test_recall_start, dev_recall_at_k=state.dev_recall_start)
+        self.log.log(0, phase="ict", test_recall_at_k=state.test_recall_start, **_dev_recall_row(dev_recalls, k))
         state.dev_recall_after_ict = state.dev_recall_start
         if cfg.ict.steps <= 0:
             state.ict_done = True
@@ -211,23 +256,7 @@ class Pretrainer:
         print0(f"dev recall@{k} after ICT ({state.ict_steps} steps): {state.dev_recall_after_ict:.3f}")
 
     def start_index(self) -> LiveIndex:
-        """Index v0 of the untrained retriever. With `model.proj_init=pca` the corpus is encoded up to the
-        projection, the projection becomes the top principal directions of those vectors, and the index is their
-        projection: one pass over the corpus either way."""
-        cfg, model, group = self.cfg, self.model, self.group
-        if cfg.model.proj_init != "pca":
-            return fresh_index(model, self.data, cfg, 0, 0, group)
-        pooled = full_embeddings(build_index(model.retriever.doc, self.data.blocks, cfg.refresh.batch_size, 0, 0,
-                                             group, sharded=False, pooled=True))
-        emb = model.retriever.init_projection_pca(pooled, cfg.model.pca_score_scale)
-        if group.distributed:  # nodes' SVDs may differ in the last bits: all trainers take trainer 0's directions
-            w = broadcast_from_trainer0(model.retriever.doc.proj.weight.data, group)
-            for enc in (model.retriever.query, model.retriever.doc):
-                enc.proj.weight.data.copy_(w)
-            emb = pooled.to(w.device) @ w.T
-        print0(f"model.proj_init=pca: projection = the top {cfg.model.proj_dim} principal directions of the corpus's "
-               f"{pooled.shape[1]}-d vectors")
-        return index_from_full(emb, 0, 0, group, cfg.index.sharded, self.device, LIVE_DTYPES[cfg.index.live_dtype])
+        return start_index(self.model, self.data, self.cfg, self.group, self.device)
 
     # -- REALM -------------------------------------------------------------------------------------------------
     def realm(self, ckpt: dict | None) -> LiveIndex:
@@ -239,6 +268,8 @@ class Pretrainer:
         in_realm = ckpt is not None and ckpt["run_state"]["step"] > 0
         if ckpt is not None and not in_realm:
             set_trainer_rng_state(ckpt, group)
+        if cfg.train.freeze_doc_encoder:  # before the optimizer is built: the doc encoder stays out of it
+            model.freeze_doc_encoder()
         stepper = make_stepper(model, cfg, retriever_lr, group.size)
         micro, accum = micro_batch_size(cfg, group.size), cfg.train.grad_accum
         idx = ckpt.get("index") if ckpt is not None else None
@@ -325,7 +356,7 @@ class Pretrainer:
                                wait_share=window_wait / max(window_s, 1e-9))
                     window, window_wait, window_s = [], 0.0, 0.0
                 if state.step % cfg.train.eval_every == 0 and state.step < cfg.train.steps:  # the end: finish()
-                    row.update(dev_recall_at_k=recall_at_k(model, data, live, k, split="dev"),
+                    row.update(**_dev_recall_row(retrieval_metrics(model, data, live, k, split="dev")[0], k),
                                dev_mlm_acc=mlm_accuracy(model, data, live, k, split="dev",
                                                         batch_size=cfg.eval.batch_size))
                 if row:
@@ -361,20 +392,24 @@ class Pretrainer:
     def finish(self, live: LiveIndex) -> dict:
         cfg, data, model, st = self.cfg, self.data, self.model, self.state
         k = cfg.retrieval.k
-        # Evaluate the final encoder, not a stale one. A retriever that REALM never trained (warm-up and
-        # train.retriever_freeze_steps cover the run) still has the weights the live index was built from.
+        # Evaluate the final encoder, not a stale one. A doc encoder that REALM never trained (warm-up and
+        # train.retriever_freeze_steps cover the run, or train.freeze_doc_encoder) still has the weights the live
+        # index was built from.
         never_trained = cfg.train.steps <= cfg.train.reader_warmup_steps + cfg.train.retriever_freeze_steps
-        final = live if never_trained else fresh_index(model, data, cfg, live.version + 1, st.step, self.group)
+        final = (live if never_trained or model.doc_frozen
+                 else fresh_index(model, data, cfg, live.version + 1, st.step, self.group))
         # The run's second and last read of test; dev beside it closes the dev curves.
-        recall, reach = retrieval_metrics(model, data, final, k, split="test")
+        recalls, reach = retrieval_metrics(model, data, final, k, split="test")
+        recall = recalls[k]
         hits = mlm_token_hits(model, data, final, k, split="test", batch_size=cfg.eval.batch_size)
         mlm = share(hits)
         in_reach = per_token(data, reach, split="test")  # the test tokens whose span a final top-k doc holds
-        dev_recall = recall_at_k(model, data, final, k, split="dev")
+        dev_recalls, _ = retrieval_metrics(model, data, final, k, split="dev")
+        dev_recall = dev_recalls[k]
         dev_mlm = mlm_accuracy(model, data, final, k, split="dev", batch_size=cfg.eval.batch_size)
         where = {"index_version": live.version} if final is live else {"fresh_index": 1}  # a fresh one is no version
         self.log.log(self._global_step(), phase="realm", test_recall_at_k=recall, test_mlm_acc=mlm,
-                     dev_recall_at_k=dev_recall, dev_mlm_acc=dev_mlm, **where)
+                     **_dev_recall_row(dev_recalls, k), dev_mlm_acc=dev_mlm, **where)
         dev, test = data.heldout("dev"), data.heldout("test")
         summary = {
             "recipe": cfg.recipe, "steps": st.step, "corpus_docs": len(data.blocks), "k": k,
@@ -385,10 +420,12 @@ class Pretrainer:
             "dev_examples": len(dev),
             "dev_examples_with_gold": sum(bool(e.gold) for e in dev),
         }
-        # The test split's numbers, "test_" prefixed in the summary.
+        # The test split's numbers, "test_" prefixed in the summary: gold recall@1/k/20 of the start retriever,
+        # the trained one and (eval.bm25_baseline) BM25 over the same documents, beside the rest.
         test_part = {
-            f"recall_at_{k}_start": st.test_recall_start,
-            f"recall_at_{k}": recall,
+            **{f"recall_at_{j}_start": v for j, v in (st.test_recalls_start or {k: st.test_recall_start}).items()},
+            **{f"recall_at_{j}": v for j, v in recalls.items()},
+            **(self.bm25_recalls("test") if cfg.eval.bm25_baseline else {}),
             f"chance_recall_at_{k}": data.chance_recall(k, "test"),
             f"span_in_top_{k}_start": st.test_span_in_top_k_start,
             f"span_in_top_{k}": share(reach),
@@ -437,6 +474,13 @@ class Pretrainer:
         plot_curves(self.run_dir)
         return summary
 
+    def bm25_recalls(self, split: str) -> dict[str, float]:
+        """Gold recall@1/k/20 of BM25 over the run's documents on a held-out split (evaluate.bm25_retrieved: the
+        masked span cut out of the query, the source excluded): the lexical baseline of the same run."""
+        ks = recall_ks(self.cfg.retrieval.k)
+        retrieved = bm25_retrieved(self.data, min(max(ks), len(self.data.blocks) - 1), split=split)
+        return {f"bm25_recall_at_{j}": v for j, v in gold_recalls(retrieved, ks).items()}
+
     def closed_book_baseline(self) -> torch.Tensor:
         """The same reader, budget and data with retrieval off: it sees only the null document. Its hits on the
         test split's masked tokens (evaluate.mlm_token_hits), read once, at the end."""
@@ -454,6 +498,11 @@ class Pretrainer:
             opt.step()
             sched.step()
         return mlm_token_hits(model, self.data, None, 0, split="test", batch_size=cfg.eval.batch_size)
+
+
+def _dev_recall_row(recalls: dict[int, float], k: int) -> dict[str, float]:
+    """A metrics row's dev recall: dev_recall_at_k (the curves' key since the first runs) and the other depths."""
+    return {"dev_recall_at_k": recalls[k], **{f"dev_recall_at_{j}": v for j, v in recalls.items() if j != k}}
 
 
 def evaluate_run(run_dir: str | Path) -> dict:

@@ -62,6 +62,9 @@ def test_overrides_are_validated():
         apply_overrides(Config(), ["retrieval.k=0"])
     with pytest.raises(ConfigError, match="train.warmup_loss"):
         apply_overrides(Config(), ["train.warmup_loss=sum"])
+    with pytest.raises(ConfigError, match="train.query_anchor .* needs train.freeze_doc_encoder"):
+        apply_overrides(Config(), ["train.query_anchor=1"])
+    assert apply_overrides(Config(), ["train.query_anchor=1", "train.freeze_doc_encoder=true"]).train.query_anchor == 1
     with pytest.raises(ConfigError, match="index.live_dtype"):
         apply_overrides(Config(), ["index.live_dtype=fp16"])
     assert apply_overrides(Config(), ["index.live_dtype=bf16"]).index.live_dtype == "bf16"

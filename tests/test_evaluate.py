@@ -68,9 +68,12 @@ def test_mlm_token_hits_pair_up_token_by_token_and_give_the_accuracy(setup):
     flags = per_token(data, reach, split="test")
     assert flags.shape == hits.shape and len(reach) == len(data.heldout("test"))
     assert share(reach) == pytest.approx(sum(reach) / len(reach))
-    # One search gives both retrieval metrics, the same as the two functions on their own.
-    assert retrieval_metrics(model, data, index, 2, split="test") == (
-        recall_at_k(model, data, index, 2, split="test"), reach)
+    # One search gives both retrieval metrics, the same as the two functions on their own, and recall at 1, k and 20
+    # from that one search equals a search at each depth.
+    recalls, reach_again = retrieval_metrics(model, data, index, 2, split="test")
+    assert reach_again == reach and sorted(recalls) == [1, 2, 20]
+    assert recalls == {j: recall_at_k(model, data, index, j, split="test") for j in (1, 2, 20)}
+    assert recalls[1] <= recalls[2] <= recalls[20] and recalls[20] > recalls[1]
     assert int(flags.sum()) == sum(e.span[1] - e.span[0] for e, r in zip(data.heldout("test"), reach) if r)
 
 
@@ -115,3 +118,40 @@ def test_per_example_hits_pair_spans_not_tokens(setup):
     assert per_example(data, a, split="test").sum() == 2
     with pytest.raises(ValueError, match="token hits for"):
         per_example(data, hits[:-1], split="test")
+
+
+def test_bm25_on_held_out_sentences_queries_without_the_span_and_never_returns_the_source(tmp_path):
+    """eval.bm25_baseline on real sentences (the wiki question set's 407 articles): the query is the sentence with
+    the masked span cut out, the source article never comes back, and the ranking is Lucene BM25's (a brute force
+    over the same bm25s tokens). (Few sentences of 407 articles name another one's title: gold recall is checked on
+    the wiki run itself.)"""
+    from pathlib import Path
+
+    import numpy as np
+    from test_retrieval_eval import _brute_bm25  # same directory (pytest puts it on sys.path)
+
+    from realm_hpc.evaluate import bm25_retrieved, gold_recalls
+
+    corpus = Path(__file__).parent / "fixtures" / "wiki_qa" / "corpus.jsonl"
+    cfg = apply_overrides(get_recipe("tiny"), [f"data.corpus={corpus}", "data.eval_examples=50",
+                                               "data.dev_examples=0", "model.vocab_size=3000"])
+    data = PretrainData(cfg, tmp_path)
+    examples = data.heldout("test")
+    assert len(examples) >= 40
+    for e in examples:
+        a, b = e.sentence.offsets[e.span[0]][0], e.sentence.offsets[e.span[1] - 1][1]
+        assert e.text_without_span() == f"{e.text[:a].rstrip()} {e.text[b:].lstrip()}".strip()
+        assert len(e.text_without_span()) <= len(e.text) - (b - a) + 1  # one space where the span was
+    retrieved = bm25_retrieved(data, 20, split="test")
+    assert [e for e, _ in retrieved] == examples
+    scores = _brute_bm25(data.docs, [e.text_without_span() for e in examples])
+    for (e, rows), s in zip(retrieved, scores):
+        assert len(rows) == 20 and e.source not in rows and len(set(rows)) == 20
+        s[e.source] = -np.inf
+        got = s[rows]
+        assert np.all(np.diff(got) <= 1e-4) and got[0] == pytest.approx(s.max(), abs=1e-4)
+        assert got[-1] >= np.sort(s)[-20] - 1e-4  # nothing outside the 20 scores above the 20th
+    # Gold recall reads the rows: a gold at rank 3 counts from recall@4 on.
+    (e, rows), *_ = retrieved
+    pretend = [(type(e)(e.sentence, e.span, e.source, [rows[2]], e.text), rows)]
+    assert gold_recalls(pretend, (1, 3, 4, 20)) == {1: 0.0, 3: 1.0, 4: 1.0, 20: 1.0}

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from realm_hpc.metrics import MetricsLogger, plot_curves, read_metrics
+from realm_hpc.metrics import MetricsLogger, curves_figure, plot_curves, read_metrics
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -112,4 +112,22 @@ def test_plot_curves_without_recall(tmp_path):
 
 def test_plot_curves_empty_file(tmp_path):
     MetricsLogger(tmp_path).close()
+    _assert_png(plot_curves(tmp_path))
+
+
+def test_lone_points_are_drawn_as_markers(tmp_path):
+    """A run evaluated once (the wiki run's MLM accuracy) or a point standing between gaps: a line of one point draws
+    nothing, so evaluation series carry markers, and a long series marks its lone points."""
+    with MetricsLogger(tmp_path) as log:
+        for s in range(60):
+            log.log(s, loss=float("nan") if s in (40, 42) else 1.0 / (s + 1))  # step 41 stands alone
+        log.log(0, dev_recall_at_k=0.1, dev_recall_at_1=0.05)
+        log.log(59, dev_recall_at_k=0.2, dev_recall_at_1=0.1, test_mlm_acc=0.06)  # one MLM evaluation
+    fig = curves_figure(read_metrics(tmp_path))
+    lines = {line.get_label(): line for ax in fig.axes for line in ax.get_lines()}
+    mlm = lines["test_mlm_acc"]
+    assert list(mlm.get_xdata()) == [59] and mlm.get_marker() == "o"
+    assert lines["dev_recall_at_k"].get_marker() == "o" and lines["dev_recall_at_1"].get_marker() == "o"
+    loss = lines["loss"]
+    assert loss.get_marker() == "o" and loss.get_markevery() == [41]  # markers on the lone point only
     _assert_png(plot_curves(tmp_path))

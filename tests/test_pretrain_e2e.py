@@ -27,6 +27,7 @@ SUMMARY_KEYS = {"recipe", "steps", "corpus_docs", "k", "ict_steps", "index_versi
                 "dev_examples", "dev_examples_with_gold",
                 # test: read at the start and the end only
                 "test_recall_at_8_start", "test_recall_at_8", "test_chance_recall_at_8", "test_span_in_top_8_start",
+                "test_recall_at_1_start", "test_recall_at_20_start", "test_recall_at_1", "test_recall_at_20",
                 "test_span_in_top_8", "test_mlm_acc_retrieval", "test_mlm_acc_closed_book", "test_examples",
                 "test_examples_with_gold", "test_mlm_eval_tokens", "test_mlm_eval_spans",
                 "test_mlm_span_acc_retrieval", "test_mlm_span_acc_closed_book", "test_mlm_spans_only_retrieval_right",
@@ -254,3 +255,64 @@ def test_pca_start_index_and_a_retriever_realm_never_trains(tmp_path, monkeypatc
     blocks = PretrainData(cfg, out).blocks
     torch.testing.assert_close(encode_blocks(model.retriever.doc, blocks, 64), ckpt["index"]["embeddings"],
                                atol=1e-4, rtol=1e-4)
+
+
+def test_frozen_doc_encoder_keeps_the_start_index_and_build_index_start_rebuilds_the_start(tmp_path, monkeypatch):
+    """train.freeze_doc_encoder: REALM trains the query encoder only and reads the top-k from the index, which then
+    is exact all run: no encode after the start one, the final index is the start's. eval.bm25_baseline adds BM25's
+    recall@1/k/20 on test beside the start's and the trained retriever's. `build-index --run DIR --start` rebuilds
+    the retriever the run started from (ict.steps=0): the run's own doc embeddings, an untrained query encoder."""
+    import realm_hpc.train as train
+    from realm_hpc.retrieval.store import open_index
+
+    encodes = []
+    real = train.fresh_index
+    monkeypatch.setattr(train, "fresh_index", lambda *a, **kw: encodes.append(a[3]) or real(*a, **kw))
+    out = tmp_path / "frozen"
+    sets = ["ict.steps=0", "model.proj_init=pca", "model.proj_dim=32", "model.normalize=true",
+            "train.freeze_doc_encoder=true", "train.reader_warmup_steps=2", "refresh.every=1000",
+            "train.eval_every=3", "train.checkpoint_every=1000", "eval.closed_book_baseline=false",
+            "eval.bm25_baseline=true"]
+    main(["pretrain", "--recipe", "tiny", "--out", str(out), "--steps", "6"] + [x for s in sets for x in ("--set", s)])
+    summary = json.loads((out / "summary.json").read_text())
+    assert encodes == []  # the start index is the PCA pass; no re-encode at the end
+    for who in ("", "_start", "bm25_"):
+        got = [summary[f"test_{who}recall_at_{j}" if who == "bm25_" else f"test_recall_at_{j}{who}"]
+               for j in (1, 8, 20)]
+        assert 0.0 <= got[0] <= got[1] <= got[2] <= 1.0, (who, got)
+    assert summary["test_bm25_recall_at_20"] > 0  # the world's facts are stated in other documents, in other words
+    dev = [r for r in read_metrics(out) if "dev_recall_at_k" in r]  # start, steps 3 and 6 (the end)
+    assert [r["step"] for r in dev] == [0, 3, 6] and all({"dev_recall_at_1", "dev_recall_at_20"} <= set(r) for r in dev)
+
+    trained, start = tmp_path / "trained_index", tmp_path / "start_index"
+    main(["build-index", "--run", str(out), "--out", str(trained)])
+    main(["build-index", "--run", str(out), "--start", "--out", str(start)])
+    trained, start = open_index(trained), open_index(start)
+    torch.testing.assert_close(start.embeddings(), trained.embeddings(), atol=1e-5, rtol=1e-5)  # the frozen doc encoder
+    questions = ["Where was Kessler born?", "Which company employs Tamnor?"]
+    assert not torch.allclose(start.embed(questions), trained.embed(questions))  # REALM trained the query encoder
+    # The rebuilt start is the run's start: its query encoder on the test queries gives the summary's start recall.
+    from realm_hpc.config import load_config
+    from realm_hpc.data.examples import PretrainData
+    from realm_hpc.evaluate import recall_at_k
+    from realm_hpc.retrieval.index import IndexSnapshot, LiveIndex
+
+    cfg = load_config(str(out / "config.json"))
+    data = PretrainData(cfg, out, build=False)
+    model, emb = train.rebuild_start(cfg, data)  # from the config (one pass over the corpus), not the checkpoint
+    assert recall_at_k(model, data, LiveIndex(IndexSnapshot(emb, 0, 0)), 8, split="test") == summary[
+        "test_recall_at_8_start"]
+    torch.testing.assert_close(emb, start.embeddings(), atol=1e-5, rtol=1e-5)
+    with torch.no_grad():  # ... and equals the start that build-index took from the frozen run's checkpoint
+        torch.testing.assert_close(model.retriever.query(*_encoded(data, questions)), start.embed(questions),
+                                   atol=1e-5, rtol=1e-5)
+    with pytest.raises(SystemExit) as exit_:
+        main(["build-index", "--run", str(tmp_path / "nowhere"), "--start", "--backend", "bm25", "--out",
+              str(tmp_path / "x")])
+    assert exit_.value.code == 2
+
+
+def _encoded(data, questions):
+    enc = data.tokenizer(questions, truncation=True, max_length=data.cfg.model.query_len, padding=True,
+                         return_tensors="pt")
+    return enc["input_ids"], enc["attention_mask"]

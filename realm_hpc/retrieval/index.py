@@ -62,6 +62,11 @@ class LiveIndex:
     def swap(self, snapshot: IndexSnapshot) -> None:
         self.snapshot = self._placed(snapshot)
 
+    def embeddings_of(self, ids: torch.Tensor) -> torch.Tensor:
+        """The embeddings of documents `ids` (any shape of int64 ids): [*ids.shape, P] on the ids' device."""
+        emb = self.snapshot.embeddings
+        return emb[ids.to(emb.device)].to(ids.device)
+
     def search(self, queries: torch.Tensor, k: int, exclude: torch.Tensor | None = None):
         """(scores, ids) on the queries' device; the search itself runs where the embeddings are."""
         emb = self.snapshot.embeddings

@@ -81,6 +81,20 @@ class ShardedIndex(LiveIndex):
         rows = slice(mine, mine + q.shape[0])
         return top_scores[rows].to(queries.device), top_ids[rows].to(queries.device)
 
+    def embeddings_of(self, ids: torch.Tensor) -> torch.Tensor:
+        """Collective: every trainer's ids are gathered, each fills the rows of its shard, a sum over the trainers
+        completes them."""
+        emb = self.snapshot.embeddings
+        parts = _all_gather_rows(self.group, ids.reshape(-1))[0]
+        mine = sum(len(p) for p in parts[: self.group.rank])
+        wanted = torch.cat(parts).to(emb.device)
+        inside = (wanted >= self.rows.start) & (wanted < self.rows.stop)
+        out = torch.zeros(len(wanted), emb.shape[1], dtype=emb.dtype, device=emb.device)
+        out[inside] = emb[wanted[inside] - self.rows.start]
+        out = out.to(self.group.comm_device)
+        dist.all_reduce(out)
+        return out[mine:mine + ids.numel()].reshape(*ids.shape, -1).to(ids.device)
+
     def full_embeddings(self) -> torch.Tensor | None:
         """All N rows on trainer 0, on its CPU, e.g. for a checkpoint (collective; the other trainers get None). The
         shards arrive one at a time, so no device holds more than its own shard and the one in flight."""

@@ -79,22 +79,27 @@ def from_storage(a: np.ndarray, dtype: str) -> torch.Tensor:
     return t.view(torch.bfloat16) if dtype == "bf16" else t
 
 
-def build_index(model, blocks, tokenizer, cfg: Config, out: str | Path, texts: Sequence[str] | None = None) -> Path:
+def build_index(model, blocks, tokenizer, cfg: Config, out: str | Path, texts: Sequence[str] | None = None,
+                embeddings: torch.Tensor | None = None) -> Path:
     """Encode every block with the model's doc encoder into INDEX_DIR ``out`` (cfg.index: backend, dtype, IVF-PQ
     parameters), with a progress bar; the directory appears complete or not at all. ``texts``: the documents' texts
-    in block order, kept for `evaluate --qa --index` (DPR's answer-in-passage check)."""
+    in block order, kept for `evaluate --qa --index` (DPR's answer-in-passage check). ``embeddings``: the blocks'
+    g(z) [N, D] already computed (a run's start index), stored instead of encoding again."""
     icfg = cfg.index
     n, dim = len(blocks), cfg.model.proj_dim
     if texts is not None and len(texts) != n:
         raise ValueError(f"{len(texts)} texts for {n} blocks")
+    if embeddings is not None and tuple(embeddings.shape) != (n, dim):
+        raise ValueError(f"embeddings of shape {tuple(embeddings.shape)} for {n} blocks of dim {dim}")
     np_dtype = STORAGE[icfg.dtype][0]
     with atomic_dir(out) as tmp:
         emb = np.lib.format.open_memmap(tmp / "embeddings.npy", mode="w+", dtype=np_dtype, shape=(n, dim))
         with tqdm(total=n, desc="encode", unit="doc") as bar:
             for a in range(0, n, ENCODE_CHUNK):
                 rows = range(a, min(n, a + ENCODE_CHUNK))
-                emb[rows.start:rows.stop] = to_storage(
-                    encode_blocks(model.retriever.doc, blocks, cfg.refresh.batch_size, indices=rows), icfg.dtype)
+                done = (embeddings[rows.start:rows.stop] if embeddings is not None
+                        else encode_blocks(model.retriever.doc, blocks, cfg.refresh.batch_size, indices=rows))
+                emb[rows.start:rows.stop] = to_storage(done, icfg.dtype)
                 bar.update(len(rows))
         emb.flush()
         del emb

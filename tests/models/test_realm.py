@@ -129,6 +129,66 @@ def test_frozen_retriever_gets_no_gradient(cfg, data, model):
     assert all(p.grad is None for p in model.retriever.parameters())
 
 
+def test_a_frozen_doc_encoder_is_read_from_the_index_and_only_the_query_encoder_learns(cfg, data, model):
+    """train.freeze_doc_encoder: the top-k's relevance is f(x)·g(z) with g(z) read from the index (what the doc
+    encoder, kept in eval mode, gives: the same scores as re-encoding them), and the gradient reaches the query
+    encoder and the reader, never the doc encoder."""
+    batch = _batch_with_distinct_sources(data)
+    live = fresh_index(model, data, cfg, 1, 0)
+    trained = Realm(cfg, data.vocab_size)
+    trained.load_state_dict(model.state_dict())
+    model.freeze_doc_encoder()
+    model.train()
+    assert model.training and model.retriever.query.training and not model.retriever.doc.training
+    model.eval()  # no dropout in the query encoder either: the two models' scores are compared
+    out = model(batch, data, live, K, train_retriever=True)
+    re_encoded = trained.eval()(batch, data, live, K, train_retriever=True)
+    assert torch.equal(out.doc_ids, re_encoded.doc_ids)
+    torch.testing.assert_close(out.scores, re_encoded.scores, atol=1e-5, rtol=1e-5)
+    with torch.no_grad():
+        q = model.retriever.query(batch.query_ids, batch.query_mask)
+    expected = torch.einsum("bp,bkp->bk", q, live.snapshot.embeddings[out.doc_ids[:, :-1]])
+    torch.testing.assert_close(out.scores[:, :-1], expected, atol=1e-5, rtol=1e-5)
+    (-out.log_marginal.mean()).backward()
+    assert _grad_norm(model.reader) > 0 and _grad_norm(model.retriever.query) > 0
+    assert all(p.grad is None and not p.requires_grad for p in model.retriever.doc.parameters())
+
+
+def test_query_anchor_measures_the_query_encoders_drift_on_the_unmasked_queries(cfg, data, model):
+    """train.query_anchor: the loss adds weight x mean ||f(x) - g(x)||^2 over the batch's queries with their masked
+    tokens put back, g the frozen doc encoder (where f started): zero at the start, positive once f moved, and its
+    gradient reaches the query encoder only."""
+    anchored = replace(cfg, train=replace(cfg.train, freeze_doc_encoder=True, query_anchor=2.0))
+    model.cfg = anchored
+    batch = _batch_with_distinct_sources(data)
+    live = fresh_index(model, data, anchored, 1, 0)
+    model.freeze_doc_encoder()
+    model.eval()  # no dropout: f and g are the same function at the start
+    plain_rows = []
+    for b in range(batch.query_ids.size(0)):  # the sentence's own tokens, [CLS] x [SEP], from the masked query
+        row = batch.query_ids[b].clone()
+        n = int(batch.target_mask[b].sum())
+        row[batch.positions[b, :n] + 1] = batch.targets[b, :n]
+        plain_rows.append(row)
+    assert (torch.stack(plain_rows) != batch.query_ids).any() and not (torch.stack(plain_rows) == data.mask_id).any()
+    out = model(batch, data, live, K, train_retriever=True)
+    assert out.query_drift is not None and out.query_drift.item() == pytest.approx(0.0, abs=1e-8)
+    with torch.no_grad():
+        for p in model.retriever.query.proj.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    out = model(batch, data, live, K, train_retriever=True)
+    with torch.no_grad():
+        plain = torch.stack(plain_rows)
+        expected = (model.retriever.query(plain, batch.query_mask) - model.retriever.doc(plain, batch.query_mask))
+    assert out.query_drift.item() == pytest.approx(expected.pow(2).sum(-1).mean().item(), rel=1e-5)
+    assert out.query_drift.item() > 0
+    assert out.loss().item() == pytest.approx((-out.log_marginal.mean() + 2.0 * out.query_drift).item(), rel=1e-6)
+    out.query_drift.backward()
+    assert _grad_norm(model.retriever.query) > 0 and _grad_norm(model.reader) == 0
+    assert all(p.grad is None for p in model.retriever.doc.parameters())
+    assert model(batch, data, live, K, train_retriever=False).query_drift is None  # the warm-up: no retriever loss
+
+
 def test_warmup_on_the_source_block_reads_it_and_scores_it_with_the_current_encoders(cfg, data, model):
     """train.warmup_source_block: the reader gets the query's own block (plus the null doc), whatever the index
     holds; its relevance is f(x)·g(z) of the current encoders, and the frozen retriever gets no gradient."""

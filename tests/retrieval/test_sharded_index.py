@@ -72,6 +72,10 @@ SCRIPT = textwrap.dedent("""
     assert torch.equal(gathered, full) if group.rank == 0 else gathered is None
     assert group.rank == 0 or seen.rows <= (N + 1) // 2, seen.rows
 
+    # A frozen doc encoder's top-k rows read from the index (each trainer asks for its own ids, any shard's).
+    ids = e_ids if group.rank == 0 else e_ids[:, :3]
+    assert torch.equal(sharded.embeddings_of(ids), full[ids]) and torch.equal(replicated.embeddings_of(ids), full[ids])
+
     # index.live_dtype=bf16: small integers are exact in bf16 too, so the ids are the float32 search's.
     half = index_from_full(full, 1, 0, group, sharded=True, dtype=torch.bfloat16)
     assert half.snapshot.embeddings.dtype == torch.bfloat16
