@@ -149,6 +149,8 @@ class ExactParams:
     min_shard_rows: int = 2048  # fewer rows than threads * this: fewer shards
     small_work: int = 1 << 22  # B * N * D multiply-adds up to which a search is one job in the caller's thread
     chunk_elems: int = 1 << 20  # score block per chunk (B x C floats): 4 MiB stays in L2/L3
+    team_bytes: int | None = None  # an index up to this size is searched by one faiss OpenMP team below the BLAS
+    # threshold, not by shards; None = a quarter of the last-level cache, 0 = never
 
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -175,7 +177,7 @@ class ExactBackend(Backend):
         if x.device.type == "cpu" and p.cpu_path != "reference":
             self._cpu = CPUExactSearch(x, threads=p.threads, small_batch=p.small_batch,
                                        min_shard_rows=p.min_shard_rows, chunk_elems=p.chunk_elems,
-                                       small_work=p.small_work)
+                                       small_work=p.small_work, team_bytes=p.team_bytes)
         self.build_s = time.perf_counter() - t0
 
     def search(self, queries, k, exclude=None):
@@ -202,7 +204,9 @@ class CPUExactSearch:
       heaps: 0.35-0.40 s for 1024 x 50k x 128 on one core of the 2-core EPYC, where torch.mm alone took 0.51-0.58 s;
       no copy of the index);
     - B < small_batch: ``faiss.knn`` too, i.e. its per-query loop: at B=1 it streams ~4x faster than MKL's gemv;
-    - otherwise, and always without faiss: ``_shard_topk``, chunked matmul with a slab-max filter.
+    - otherwise, and always without faiss: ``_shard_topk``, chunked matmul with a slab-max filter;
+    - except for an index within ``team_bytes`` (a quarter of the LLC) below the BLAS threshold: one ``faiss.knn``
+      over every row with faiss's own OpenMP team (see ``_team_search``).
 
     faiss is asked for k + 2 so that exclusion and a tie at the k-th place are visible; a row tied there is redone
     by ``_shard_topk``, whose packed-key selection breaks ties to the lower id like the reference.
@@ -218,19 +222,20 @@ class CPUExactSearch:
     QUERY_BLOCK = 1024
 
     def __init__(self, x: torch.Tensor, threads=None, small_batch=None, min_shard_rows=2048, chunk_elems=1 << 20,
-                 small_work=1 << 22):
+                 small_work=1 << 22, team_bytes=None):
         self.x = x
         self.small_work = small_work
         self.threads = max(1, threads or torch.get_num_threads())
         self.chunk_elems = chunk_elems
         n = x.shape[0]
+        size, llc = x.numel() * x.element_size(), _last_level_cache_bytes()
+        self._team_index = size <= (llc // 4 if team_bytes is None else team_bytes)
         n_shards = max(1, min(self.threads, n // max(1, min_shard_rows)))
         step = -(-n // n_shards)
         self.shards = [(a, min(a + step, n)) for a in range(0, n, step)]
         if small_batch is None:
             # where faiss's per-query loop stops beating the chunked matmul (interleaved, 2 shards, 32 MiB L3):
             # B ~64 at 10k x 128 fp32 (5 MiB), ~12 at 50k (26 MiB), ~6 at 1M
-            size, llc = x.numel() * x.element_size(), _last_level_cache_bytes()
             small_batch = 64 if size <= llc // 4 else 16 if size <= llc else 8
         self.small_batch = small_batch
         self._faiss = None
@@ -249,7 +254,9 @@ class CPUExactSearch:
         self._pool_lock = threading.Lock()
 
     def method(self, b: int) -> str:
-        """faiss | torch: which per-shard search a batch of b queries runs."""
+        """faiss-team (one search, faiss's threads) | faiss | torch (per shard): what a batch of b queries runs."""
+        if self._team_search(b):
+            return "faiss-team"
         if self._faiss is not None and (b < self.small_batch or b * self.x.shape[1] >= self._blas_from):
             return "faiss"
         return "torch"
@@ -279,6 +286,9 @@ class CPUExactSearch:
     def search(self, q: torch.Tensor, k: int, exclude: torch.Tensor | None):
         q = q.float().contiguous()
         b, n = q.shape[0], self.x.shape[0]
+        if self.method(b) == "faiss-team":
+            keys = self._in_caller(self._shard_faiss, q, 0, n, min(k, n), exclude, omp_threads=self.threads)
+            return unpack_keys(_top_sorted(keys, k))
         shards = [(0, n)] if b * n * self.x.shape[1] <= self.small_work else self.shards
         jobs = [(a, z, min(k, z - a)) for a, z in shards]
         if self.method(b) == "faiss":
@@ -294,12 +304,20 @@ class CPUExactSearch:
         keys = parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
         return unpack_keys(_top_sorted(keys, k))
 
-    def _in_caller(self, run, *args):
-        """run(*args) in the caller's thread, with faiss's OpenMP at one thread for it (thread-local, put back)."""
+    def _team_search(self, b: int) -> bool:
+        """One faiss.knn over every row with faiss's own OpenMP team (it splits the queries between threads), for an
+        index that sits in a quarter of the last-level cache, B * D below faiss's BLAS threshold, and more work than
+        ``small_work``. There, T shards cost more in hand-offs and merges than they share: 10k x 128, B = 16, 2 cores,
+        1.9-2.1 ms as two shards, 1.0-1.2 ms as one team search, the same faiss loop as faiss-flat's 1.1-1.3 ms."""
+        return (self._faiss is not None and self.threads > 1 and self._team_index
+                and b * self.x.shape[1] < self._blas_from and b * self.x.numel() > self.small_work)
+
+    def _in_caller(self, run, *args, omp_threads=1):
+        """run(*args) in the caller's thread, with faiss's OpenMP at omp_threads for it (thread-local, put back)."""
         if run != self._shard_faiss:
             return run(*args)
         before = self._faiss.omp_get_max_threads()
-        self._faiss.omp_set_num_threads(1)
+        self._faiss.omp_set_num_threads(omp_threads)
         try:
             return run(*args)
         finally:

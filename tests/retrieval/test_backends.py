@@ -63,12 +63,15 @@ def assert_excluded_and_full(ids, exclude, k):
 
 
 # exact: (B, build params) that drive each CPU path; D=32 so B=4000 crosses faiss's BLAS threshold (B * D >= 128000).
-# small_work=0 keeps the shards at this size (the caller's thread takes the first faiss shard, workers the rest).
+# small_work=0 keeps the shards at this size (the caller's thread takes the first faiss shard, workers the rest);
+# team_bytes=0 keeps this small index off the one-team faiss search.
 PATHS = {
-    "faiss-loop-2-shards": (5, dict(threads=2, min_shard_rows=64, small_work=0)),
+    "faiss-team": (5, dict(threads=2, min_shard_rows=64, small_work=0)),
+    "faiss-loop-2-shards": (5, dict(threads=2, min_shard_rows=64, small_work=0, team_bytes=0)),
     "faiss-blas-2-shards": (4000, dict(threads=2, min_shard_rows=64, small_work=0)),
     "faiss-one-job-in-caller": (5, dict(threads=2, min_shard_rows=64)),
-    "torch-slab-3-shards": (37, dict(threads=3, min_shard_rows=64, small_batch=1, chunk_elems=4096, small_work=0)),
+    "torch-slab-3-shards": (37, dict(threads=3, min_shard_rows=64, small_batch=1, chunk_elems=4096, small_work=0,
+                                     team_bytes=0)),
     "torch-slab-1-shard-b1": (1, dict(threads=1, small_batch=1, chunk_elems=4096)),
     "reference": (7, dict(cpu_path="reference")),
 }
@@ -83,7 +86,7 @@ def test_exact_matches_ip_topk(path, integer):
     q = _data(b, d, integer, seed=2)
     backend = build_backend("exact", x, **params)
     if "faiss" in path:
-        assert backend._cpu.method(b) == "faiss"
+        assert backend._cpu.method(b) == ("faiss-team" if "team" in path else "faiss")
     if "torch" in path:
         assert backend._cpu.method(b) == "torch"
     for k, ex in [(1, None), (K, None), (K, _exclude(b, n)), (70, _exclude(b, n))]:
@@ -102,13 +105,21 @@ def test_exact_low_precision_matches_ip_topk(dtype):
 
 def test_exact_leaves_caller_threads_alone():
     before = torch.get_num_threads()
-    backend = build_backend("exact", _data(5000, 16, False), threads=2, min_shard_rows=64, small_work=0)
+    backend = build_backend("exact", _data(5000, 16, False), threads=2, min_shard_rows=64, small_work=0, team_bytes=0)
     backend.search(_data(40, 16, False), K)
     assert torch.get_num_threads() == before
     faiss = pytest.importorskip("faiss")
     omp = faiss.omp_get_max_threads()
     backend.search(_data(3, 16, False), K)  # faiss path: the caller's thread runs one shard at one OpenMP thread
     assert faiss.omp_get_max_threads() == omp
+    faiss.omp_set_num_threads(1)
+    try:  # one team search at the backend's two threads puts the caller's one back
+        team = build_backend("exact", _data(5000, 16, False), threads=2, small_work=0)
+        assert team._cpu.method(3) == "faiss-team"
+        team.search(_data(3, 16, False), K)
+        assert faiss.omp_get_max_threads() == 1
+    finally:
+        faiss.omp_set_num_threads(omp)
 
 
 def test_exact_numpy_input_and_argument_errors():
