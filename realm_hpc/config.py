@@ -148,6 +148,11 @@ class TrainConfig:
     # tokens put back. The frozen g is where f started (both encoders start as one when ict.steps=0), so f keeps its
     # ranking of plain sentences and questions while it learns the cloze queries (wiki, README). 0 = off.
     query_anchor: float = 0.0
+    # REALM's retriever gradient only from the queries for which a retrieved doc holds the masked span (its tokens, in
+    # order; every span where several are masked): for the others the posterior over docs the reader cannot copy
+    # from is the reader's taste, noise to the retriever (82-84 % of the wiki run's queries; README). The reader
+    # still learns from every query. Off = REALM as published.
+    retriever_span_gate: bool = False
     seed: int = 0
     log_every: int = 10
     eval_every: int = 100

@@ -14,6 +14,7 @@ import numpy as np
 import torch
 
 from realm_hpc.checkpoint import atomic_write_json
+from realm_hpc.data.blocks import contains_span
 from realm_hpc.data.examples import EvalExample, PretrainData
 from realm_hpc.data.qa import QAExample, has_answer, read_qa
 from realm_hpc.models.realm import Realm
@@ -54,7 +55,7 @@ def gold_recalls(retrieved, ks: tuple[int, ...]) -> dict[int, float]:
 
 
 def _span_hits(data: PretrainData, retrieved, k: int | None = None) -> list[bool]:
-    return [any(_contains(data.blocks.tokens(d)[1:], e.sentence.ids[e.span[0]:e.span[1]]) for d in row[:k])
+    return [any(contains_span(data.blocks.tokens(d)[1:], e.sentence.ids[e.span[0]:e.span[1]]) for d in row[:k])
             for e, row in retrieved]
 
 
@@ -81,11 +82,6 @@ def recall_at_k(model: Realm, data: PretrainData, index: LiveIndex, k: int, *, s
                 batch_size: int = 64) -> float:
     """Share of held-out masked examples whose gold document (never the excluded source) is in the top k."""
     return _gold_recall(_retrieved(model, data, index, k, batch_size, split))
-
-
-def _contains(doc: np.ndarray, span: np.ndarray) -> bool:
-    n = len(span)
-    return n > 0 and any(np.array_equal(doc[i:i + n], span) for i in np.flatnonzero(doc == span[0]))
 
 
 def spans_in_top_k(model: Realm, data: PretrainData, index: LiveIndex, k: int, *, split: str,

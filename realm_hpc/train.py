@@ -294,6 +294,7 @@ class Pretrainer:
         bar = tqdm(range(state.step, cfg.train.steps), desc="realm", leave=False, initial=state.step,
                    total=cfg.train.steps, disable=group.rank != 0)
         window, window_wait, window_s, warned_version = [], 0.0, 0.0, None
+        window_held = []  # train.retriever_span_gate: per micro batch, the share of queries that train the retriever
         try:
             for step in bar:
                 t_step = time.perf_counter()
@@ -340,6 +341,8 @@ class Pretrainer:
                         raise TrainingError(f"loss is {loss.item()} at step {step} (lower optim.lr or check the data)")
                     stepper.micro_step(loss)
                     losses.append(loss.item())
+                    if out.span_held is not None:
+                        window_held.append(out.span_held.float().mean().item())
                 step_loss = mean_over_trainers(sum(losses) / len(losses), group)
                 state.step = step + 1
                 staleness = live.staleness(state.step)
@@ -354,7 +357,9 @@ class Pretrainer:
                     # wait_s: seconds the loop spent on the index since the last row (mpi: ~0; inline: re-encodes)
                     row.update(loss=sum(window) / len(window), lr=stepper.lr(), wait_s=window_wait,
                                wait_share=window_wait / max(window_s, 1e-9))
-                    window, window_wait, window_s = [], 0.0, 0.0
+                    if window_held:
+                        row.update(span_held_share=sum(window_held) / len(window_held))
+                    window, window_wait, window_s, window_held = [], 0.0, 0.0, []
                 if state.step % cfg.train.eval_every == 0 and state.step < cfg.train.steps:  # the end: finish()
                     row.update(**_dev_recall_row(retrieval_metrics(model, data, live, k, split="dev")[0], k),
                                dev_mlm_acc=mlm_accuracy(model, data, live, k, split="dev",

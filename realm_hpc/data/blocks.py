@@ -144,6 +144,12 @@ def cut_long_docs(docs: list[Doc], max_len: int) -> tuple[list[Doc], list[tuple[
     return out, cut
 
 
+def contains_span(doc: np.ndarray, span: np.ndarray) -> bool:
+    """Whether the token ids `span` occur in `doc`, in order and adjacent (a reader could copy them from there)."""
+    n = len(span)
+    return n > 0 and any(np.array_equal(doc[i:i + n], span) for i in np.flatnonzero(doc == span[0]))
+
+
 class BlockStore:
     """Read-only view of a built store; cheap to open in every rank and every DataLoader worker."""
 

@@ -9,11 +9,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from torch import nn
 
 import kernels
 from realm_hpc.config import Config
+from realm_hpc.data.blocks import contains_span
 from realm_hpc.data.examples import Batch, PretrainData
 from realm_hpc.models.encoders import Retriever
 from realm_hpc.models.reader import Reader
@@ -29,6 +31,7 @@ class RealmOutput:
     reader_inputs: dict
     query_drift: torch.Tensor | None = None  # train.query_anchor: mean ||f(x) - g(x)||^2 over the unmasked queries
     anchor_weight: float = 0.0
+    span_held: torch.Tensor | None = None  # train.retriever_span_gate: [B] the queries whose scores train the retriever
 
     def loss(self, per_doc: bool = False) -> torch.Tensor:
         """REALM's -log p(y|x), batch mean. per_doc (train.warmup_loss): -mean_z log p(y|z,x) instead, every doc
@@ -108,15 +111,34 @@ class Realm(nn.Module):
                 parts_ids.append(torch.full((B, 1), -1, dtype=torch.long, device=device))
             scores = torch.cat(parts_scores, dim=1)
             doc_ids = torch.cat(parts_ids, dim=1)
+        held = None
+        if use_retrieval and self.cfg.train.retriever_span_gate and scores.requires_grad:
+            held = self.span_held(batch, data, doc_ids)
+            scores = torch.where(held.to(device)[:, None], scores, scores.detach())
         inputs = {name: t.to(device) for name, t in data.reader_inputs(batch, doc_ids).items()}
         logp = self.reader.target_logprob(inputs["input_ids"], inputs["attention_mask"], inputs["token_type_ids"],
                                           inputs["positions"], inputs["targets"], inputs["target_mask"],
                                           inputs["doc_mask"]).view(B, -1)
         log_marginal = kernels.marginal_logsumexp(scores.float(), logp)
-        out = RealmOutput(log_marginal, scores, logp, doc_ids, inputs)
+        out = RealmOutput(log_marginal, scores, logp, doc_ids, inputs, span_held=held)
         if train_retriever and self.doc_frozen and self.cfg.train.query_anchor > 0 and torch.is_grad_enabled():
             out.query_drift, out.anchor_weight = self.query_drift(batch), self.cfg.train.query_anchor
         return out
+
+    @staticmethod
+    def span_held(batch: Batch, data: PretrainData, doc_ids: torch.Tensor) -> torch.Tensor:
+        """[B] bool: one of the query's docs (the null doc aside) holds every masked span of it, each span's tokens in
+        order (train.retriever_span_gate). The spans are the runs of consecutive masked positions."""
+        out = []
+        positions, targets, n_masked = batch.positions.cpu(), batch.targets.cpu(), batch.target_mask.sum(1).long()
+        for b, row in enumerate(doc_ids.tolist()):
+            n = int(n_masked[b])
+            pos, tgt = positions[b, :n].numpy(), targets[b, :n].numpy()
+            cuts = np.flatnonzero(np.diff(pos) != 1) + 1
+            spans = [s for s in np.split(tgt, cuts) if len(s)]
+            out.append(bool(spans) and any(
+                all(contains_span(data.blocks.tokens(d)[1:], s) for s in spans) for d in row if d >= 0))
+        return torch.tensor(out, dtype=torch.bool)
 
     def query_drift(self, batch: Batch) -> torch.Tensor:
         """mean_b ||f(x_b) - g(x_b)||^2 over the batch's queries with their masked tokens put back (train.query_anchor):

@@ -358,3 +358,40 @@ def test_bf16_live_index_retrieves_near_top_docs_and_the_current_encoders_score_
         assert torch.isfinite(stale.log_marginal).all()
         err = (stale.scores[:, :K] - exact.gather(1, stale.doc_ids[:, :K])).abs()
         assert (err <= tol.gather(1, stale.doc_ids[:, :K])).all()
+
+
+def test_retriever_span_gate_trains_the_retriever_only_on_queries_whose_docs_hold_the_span(cfg, data, model):
+    """train.retriever_span_gate: a query's retrieval scores carry gradient only where one of its docs holds every
+    masked span (tokens in order); its reader terms always do. The source block holds the sentence it was cut from."""
+    gated = replace(cfg, train=replace(cfg.train, retriever_span_gate=True))
+    model.cfg = gated
+    batch = _batch_with_distinct_sources(data)
+    B = batch.query_ids.size(0)
+    src = batch.source[:, None]
+    null = torch.full((B, 1), -1)
+    assert Realm.span_held(batch, data, torch.cat([src, null], 1)).all()
+    assert not Realm.span_held(batch, data, null).any()
+    # a block holds the span iff its tokens contain it: check against the blocks' own tokens
+    live = fresh_index(model, data, gated, 1, 0)
+    out = model(batch, data, live, K, train_retriever=True)
+    held = Realm.span_held(batch, data, out.doc_ids)
+    for b in range(B):
+        n = int(batch.target_mask[b].sum())
+        span = batch.targets[b, :n].numpy()
+        text = [data.blocks.tokens(d)[1:] for d in out.doc_ids[b, :-1].tolist()]
+        assert held[b] == any(any((t[i:i + n] == span).all() for i in range(len(t) - n + 1)) for t in text)
+    # with the source block among its docs a query is held and its scores train the retriever
+    out = model(batch, data, live, K, train_retriever=True, exclude_source=False, docs=src)
+    assert Realm.span_held(batch, data, out.doc_ids).all()
+    model.zero_grad()
+    (-out.log_marginal[0]).backward()
+    assert _grad_norm(model.retriever.query) > 0 and _grad_norm(model.reader) > 0
+    out = model(batch, data, live, 1, train_retriever=True)  # top-1 only: most queries' doc lacks the span
+    held = Realm.span_held(batch, data, out.doc_ids)
+    assert torch.equal(out.span_held, held)
+    for b in range(B):
+        model.zero_grad()
+        (-out.log_marginal[b]).backward(retain_graph=True)
+        assert (_grad_norm(model.retriever.query) > 0) == bool(held[b]), b
+        assert _grad_norm(model.reader) > 0
+    assert not held.all(), "the check above needs a query whose top-1 lacks its span"
