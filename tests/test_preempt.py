@@ -15,6 +15,17 @@ from realm_hpc.cli import main
 from test_resume import COMMON
 
 
+@pytest.fixture(autouse=True)
+def sigint_not_ignored():
+    """These tests send SIGINT to themselves; a shell that started pytest in the background (`cmd &` without job
+    control) hands it SIGINT ignored, which preempt.handlers rightly leaves alone. Python's own handler for the test."""
+    before = signal.getsignal(signal.SIGINT)
+    if before == signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, before)
+
+
 @pytest.mark.parametrize("signum", preempt.SIGNALS)
 def test_signal_sets_the_flag_and_handlers_are_restored(signum):
     before = signal.getsignal(signum)
