@@ -286,12 +286,13 @@ class CPUExactSearch:
     def search(self, q: torch.Tensor, k: int, exclude: torch.Tensor | None):
         q = q.float().contiguous()
         b, n = q.shape[0], self.x.shape[0]
-        if self.method(b) == "faiss-team":
+        method = self.method(b)
+        if method == "faiss-team":
             keys = self._in_caller(self._shard_faiss, q, 0, n, min(k, n), exclude, omp_threads=self.threads)
             return unpack_keys(_top_sorted(keys, k))
         shards = [(0, n)] if b * n * self.x.shape[1] <= self.small_work else self.shards
         jobs = [(a, z, min(k, z - a)) for a, z in shards]
-        if self.method(b) == "faiss":
+        if method == "faiss":
             run, mine = self._shard_faiss, jobs[:1]  # the caller's thread takes the first job
         else:
             run, mine = self._shard_torch, []
