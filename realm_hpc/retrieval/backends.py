@@ -288,11 +288,12 @@ class CPUExactSearch:
         b, n = q.shape[0], self.x.shape[0]
         method = self.method(b)
         if method == "faiss-team":
-            keys = self._in_caller(self._shard_faiss, q, 0, n, min(k, n), exclude, omp_threads=self.threads)
-            return unpack_keys(_top_sorted(keys, k))
+            return self._in_caller(self._faiss_topk, q, 0, n, k, exclude, omp_threads=self.threads)
         shards = [(0, n)] if b * n * self.x.shape[1] <= self.small_work else self.shards
         jobs = [(a, z, min(k, z - a)) for a, z in shards]
         if method == "faiss":
+            if len(jobs) == 1:  # one job, in the caller's thread: no merge
+                return self._in_caller(self._faiss_topk, q, 0, n, k, exclude)
             run, mine = self._shard_faiss, jobs[:1]  # the caller's thread takes the first job
         else:
             run, mine = self._shard_torch, []
@@ -315,7 +316,7 @@ class CPUExactSearch:
 
     def _in_caller(self, run, *args, omp_threads=1):
         """run(*args) in the caller's thread, with faiss's OpenMP at omp_threads for it (thread-local, put back)."""
-        if run != self._shard_faiss:
+        if run not in (self._shard_faiss, self._faiss_topk):
             return run(*args)
         before = self._faiss.omp_get_max_threads()
         self._faiss.omp_set_num_threads(omp_threads)
@@ -332,27 +333,51 @@ class CPUExactSearch:
         return blocks[0] if len(blocks) == 1 else torch.cat(blocks)
 
     def _shard_faiss(self, q, a, b, k, exclude):
-        """Top-k keys of rows a:b by faiss.knn, its output fixed up in numpy (a few microseconds, where the same in
-        torch ops was most of a small search's time)."""
+        """Top-k packed keys of rows a:b by faiss.knn (see ``_faiss_topk``), for the merge of shards."""
+        scores, ids = self._faiss_topk(q, a, b, k, exclude)
+        keys = pack_keys(scores, ids)
+        return keys if bool((ids >= 0).all()) else keys.masked_fill_(ids < 0, KEY_MIN)
+
+    def _faiss_topk(self, q, a, b, k, exclude):
+        """(scores, ids) [B, k] of rows a:b (k <= b - a) by faiss.knn, best first, ties to the lower id, ids global;
+        (-inf, -1) at the end of a row where the rows less the excluded one hold fewer than k.
+
+        faiss's answer is fixed up in numpy rather than by packing keys in torch: at 10k x 128, B = 16 the packing,
+        exclusion and top-k in torch ops took ~0.2 ms around a 0.65 ms search. faiss is asked for k + 1 (+ 1 for the
+        excluded row), best first: the excluded id moves to the end of its row as (-inf, -1); scores equal inside
+        the top k are put in id order; a row whose k-th score equals the next one (a tie faiss may have broken
+        against a lower id it did not return) is redone by ``_shard_topk``, whose packed-key selection breaks ties
+        like the reference."""
         ask = min(b - a, k + 1 + (exclude is not None))
         scores, ids = self._faiss.knn(q.numpy(), self._x_np[a:b], ask, metric=self._faiss.METRIC_INNER_PRODUCT)
-        ids += a
-        live = np.ones(ids.shape, dtype=bool) if exclude is None else ids != exclude.numpy()[:, None]
-        if not live.all():  # move the excluded id to the end of its row (faiss sorted the rest, best first)
-            order = np.argsort(~live, axis=1, kind="stable")
-            scores, ids, live = (np.take_along_axis(t, order, 1) for t in (scores, ids, live))
-        kk = min(k, ask)
-        keys = pack_keys(torch.from_numpy(scores[:, :kk]), torch.from_numpy(ids[:, :kk]))
-        if not live[:, :kk].all():
-            keys.masked_fill_(torch.from_numpy(~live[:, :kk]), KEY_MIN)
+        if a:
+            ids += a
+        if exclude is not None:
+            hit = ids == exclude.numpy()[:, None]  # at most one per row: faiss returns distinct rows
+            has = hit.any(axis=1)
+            if ask == k + 2:  # every row keeps k + 1: drop its excluded id, or its last where it has none
+                hit[~has, -1] = True
+                keep = ~hit
+                scores, ids = scores[keep].reshape(-1, k + 1), ids[keep].reshape(-1, k + 1)
+            elif has.any():  # a shard of at most k + 1 rows: move the excluded id to the end as (-inf, -1)
+                j = np.arange(ask)
+                cols = np.minimum(j + (j >= np.where(has, hit.argmax(axis=1), ask)[:, None]), ask - 1)
+                scores, ids = np.take_along_axis(scores, cols, 1), np.take_along_axis(ids, cols, 1)
+                scores[has, -1], ids[has, -1] = -np.inf, -1
+        tied = np.zeros(0, dtype=np.int64)
         if ask > k:
-            # faiss breaks exact ties in its own order: a tie at the k-th place may hide a lower id it did not return
-            tied = (scores[:, k - 1] == scores[:, k]) & live[:, k]
-            if tied.any():
-                r = torch.from_numpy(np.flatnonzero(tied))
-                ex = None if exclude is None else exclude[r]
-                keys[r] = _shard_topk(q[r], self.x, a, b, k, ex, self.chunk_elems, self.SLAB)
-        return keys
+            tied = np.flatnonzero((scores[:, k - 1] == scores[:, k]) & (ids[:, k] >= 0))
+            scores, ids = scores[:, :k], ids[:, :k]
+        if k > 1 and (scores[:, 1:] == scores[:, :-1]).any():  # equal scores inside the top k: lower id first
+            order = np.lexsort((np.where(ids < 0, np.iinfo(np.int64).max, ids), -scores), axis=1)
+            scores, ids = np.take_along_axis(scores, order, 1), np.take_along_axis(ids, order, 1)
+        scores, ids = torch.from_numpy(np.ascontiguousarray(scores)), torch.from_numpy(np.ascontiguousarray(ids))
+        if tied.size:
+            r = torch.from_numpy(tied)
+            keys = _shard_topk(q[r], self.x, a, b, k, None if exclude is None else exclude[r], self.chunk_elems,
+                               self.SLAB)
+            scores[r], ids[r] = unpack_keys(_top_sorted(keys, k))
+        return scores, ids
 
 
 def _last_level_cache_bytes() -> int:

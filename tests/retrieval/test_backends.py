@@ -95,6 +95,22 @@ def test_exact_matches_ip_topk(path, integer):
         assert_excluded_and_full(got[1], ex, k)
 
 
+@needs_faiss
+@pytest.mark.parametrize("integer", [True, False], ids=["integer-ties", "float"])
+def test_exact_faiss_shards_shorter_than_k(integer):
+    """Two 70-row shards and k = 70: faiss returns every row of a shard, and a row that excludes one of them holds
+    only 69; the merge must still give the reference's 70 of 139."""
+    n, d, b = 140, 32, 5
+    x, q = _data(n, d, integer), _data(b, d, integer, seed=2)
+    backend = build_backend("exact", x, threads=2, min_shard_rows=64, small_work=0, team_bytes=0)
+    assert backend._cpu.method(b) == "faiss" and len(backend._cpu.shards) == 2
+    ex = torch.tensor([3, 75, -1, 139, 0])
+    for k, e in [(70, ex), (70, None), (69, ex)]:
+        got = backend.search(q, k, e)
+        assert_same_topk(got, kernels.ip_topk(q, x, k, e), q, x, exact_ids=integer)
+        assert_excluded_and_full(got[1], e, k)
+
+
 @pytest.mark.parametrize("dtype", ["bf16", "fp16"])
 def test_exact_low_precision_matches_ip_topk(dtype):
     x, q = _data(2000, 32, True), _data(20, 32, True, seed=2)
