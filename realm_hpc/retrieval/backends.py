@@ -30,7 +30,7 @@ import numpy as np
 import torch
 
 import kernels
-from kernels.reference import KEY_MIN, _chunk_topk, pack_keys, unpack_keys  # the reference's own selection:
+from kernels.reference import _LOW_MASK, KEY_MIN, _chunk_topk, pack_keys, unpack_keys  # the reference's own selection:
 # the same packed keys and tie handling, so the CPU search breaks ties exactly as kernels.ip_topk does
 
 # ----------------------------------------------------------------------------------------------------- helpers
@@ -151,6 +151,12 @@ class ExactParams:
     chunk_elems: int = 1 << 20  # score block per chunk (B x C floats): 4 MiB stays in L2/L3
     team_bytes: int | None = None  # an index up to this size is searched by one faiss OpenMP team below the BLAS
     # threshold, not by shards; None = a quarter of the last-level cache, 0 = never
+    bf16_filter: bool | None = None  # float32 rows: keep a bfloat16 copy (+50 % memory) that scores every row, and
+    # re-score exactly the rows its rounding bound cannot rule out; None = where the CPU has AVX512-BF16 or AMX
+    bf16_batches: list[int] | None = None  # [lo, hi]: batch sizes that use it; None = [128, 512] for an index within
+    # team_bytes (it streams from cache: faiss's loop is hard to beat), else [4, no limit]
+    bf16_team: bool | None = None  # one search with torch's threads (True) or one per shard (False); None = the
+    # index fits the last-level cache
 
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -177,7 +183,8 @@ class ExactBackend(Backend):
         if x.device.type == "cpu" and p.cpu_path != "reference":
             self._cpu = CPUExactSearch(x, threads=p.threads, small_batch=p.small_batch,
                                        min_shard_rows=p.min_shard_rows, chunk_elems=p.chunk_elems,
-                                       small_work=p.small_work, team_bytes=p.team_bytes)
+                                       small_work=p.small_work, team_bytes=p.team_bytes, bf16_filter=p.bf16_filter,
+                                       bf16_batches=p.bf16_batches, bf16_team=p.bf16_team)
         self.build_s = time.perf_counter() - t0
 
     def search(self, queries, k, exclude=None):
@@ -187,6 +194,17 @@ class ExactBackend(Backend):
         if self._cpu is None:
             return kernels.ip_topk(q.to(self.dtype), self.x, k, None if ex is None else ex.to(self.x.device))
         return self._cpu.search(q.to(self.dtype), k, ex)  # queries rounded to the index dtype, as ip_topk does
+
+    def index_bytes(self) -> int:
+        """The rows it searches (shared with the caller's tensor) and the CPU's bfloat16 copy where it keeps one."""
+        extra = 0 if self._cpu is None or self._cpu._xb is None else self._cpu._xb.numel() * 2
+        return super().index_bytes() + extra
+
+    def bytes_per_query(self, b: int, k: int) -> float:
+        """With the bfloat16 filter: its copy once per batch, the query, and at least k float32 rows re-scored."""
+        if self._cpu is not None and self._cpu.method(b) == "bf16":
+            return self.n * self.d * 2 / b + self.d * 4 + k * self.d * 4
+        return super().bytes_per_query(b, k)
 
 
 class CPUExactSearch:
@@ -207,6 +225,12 @@ class CPUExactSearch:
     - otherwise, and always without faiss: ``_shard_topk``, chunked matmul with a slab-max filter;
     - except for an index within ``team_bytes`` (a quarter of the LLC) below the BLAS threshold: one ``faiss.knn``
       over every row with faiss's own OpenMP team (see ``_team_search``).
+    - before all of these, B within ``bf16_batches`` where the CPU multiplies bfloat16 (``_shard_bf16``): a
+      bfloat16 copy of the rows scores them all (half the bytes to read), and the few rows its rounding bound cannot
+      rule out are re-scored in float32, so the answer is still exact. One search with torch's threads where the
+      index fits the LLC, else one per shard. 2-core EPYC (Zen 4), same-run ratios to faiss-flat: 50k x 128 at
+      B = 16 / 64 / 256 2.4-6x where the float32 paths gave 0.9-2.6x; 1M at B = 16-1024 1.8-9.6x (float32 paths
+      1.0-3.8x); at 10k only B = 128-512 gain (1.2-1.45x against 1.0-1.07x).
 
     faiss is asked for k + 2 so that exclusion and a tie at the k-th place are visible; a row tied there is redone
     by ``_shard_topk``, whose packed-key selection breaks ties to the lower id like the reference.
@@ -220,9 +244,10 @@ class CPUExactSearch:
 
     SLAB = 16
     QUERY_BLOCK = 1024
+    BF16_SPARE = 40  # heap slots past k for the rows the bfloat16 bound cannot rule out
 
     def __init__(self, x: torch.Tensor, threads=None, small_batch=None, min_shard_rows=2048, chunk_elems=1 << 20,
-                 small_work=1 << 22, team_bytes=None):
+                 small_work=1 << 22, team_bytes=None, bf16_filter=None, bf16_batches=None, bf16_team=None):
         self.x = x
         self.small_work = small_work
         self.threads = max(1, threads or torch.get_num_threads())
@@ -250,11 +275,29 @@ class CPUExactSearch:
                 self._blas_from = threshold if threshold >= 1000 else threshold * x.shape[1]
             except ImportError:
                 pass
+        self._xb = None
+        if bf16_filter is None:
+            bf16_filter = _cpu_has_bf16()
+        if bf16_filter and self._faiss is not None and n > self.BF16_SPARE and bool(torch.isfinite(x).all()):
+            norms = x.norm(dim=1)
+            if float(norms.max()) < 2.0 ** 60:  # far from float32's range: no product or sum can overflow
+                self._xb = x.bfloat16()
+                self._norm_max = {(a, z): float(norms[a:z].max()) for a, z in self.shards + [(0, n)]}
+                self._norms = norms
+        if bf16_batches is None:
+            bf16_batches = (128, 512) if self._team_index else (4, 1 << 62)
+        if len(bf16_batches) != 2:
+            raise ValueError(f"exact.bf16_batches must be [lo, hi], got {bf16_batches!r}")
+        self.bf16_batches = tuple(bf16_batches)
+        self.bf16_team = size <= llc if bf16_team is None else bf16_team
         self._pool = None
         self._pool_lock = threading.Lock()
 
-    def method(self, b: int) -> str:
-        """faiss-team (one search, faiss's threads) | faiss | torch (per shard): what a batch of b queries runs."""
+    def method(self, b: int, bf16: bool = True) -> str:
+        """bf16 (per shard or one team search) | faiss-team (one search, faiss's threads) | faiss | torch (per shard):
+        what a batch of b queries runs (bf16=False: what it runs when the queries rule out the bfloat16 filter)."""
+        if bf16 and self._xb is not None and self.bf16_batches[0] <= b <= self.bf16_batches[1]:
+            return "bf16"
         if self._team_search(b):
             return "faiss-team"
         if self._faiss is not None and (b < self.small_batch or b * self.x.shape[1] >= self._blas_from):
@@ -287,8 +330,12 @@ class CPUExactSearch:
         q = q.float().contiguous()
         b, n = q.shape[0], self.x.shape[0]
         method = self.method(b)
+        if method == "bf16" and not bool((q.abs() < 2.0 ** 60).all()):  # inf / nan / near overflow: no error bound
+            method = self.method(b, bf16=False)
         if method == "faiss-team":
             return self._in_caller(self._faiss_topk, q, 0, n, k, exclude, omp_threads=self.threads)
+        if method == "bf16" and self.bf16_team:
+            return unpack_keys(self._shard_bf16(q, 0, n, k, exclude))  # sorted best first
         shards = [(0, n)] if b * n * self.x.shape[1] <= self.small_work else self.shards
         jobs = [(a, z, min(k, z - a)) for a, z in shards]
         if method == "faiss":
@@ -296,7 +343,7 @@ class CPUExactSearch:
                 return self._in_caller(self._faiss_topk, q, 0, n, k, exclude)
             run, mine = self._shard_faiss, jobs[:1]  # the caller's thread takes the first job
         else:
-            run, mine = self._shard_torch, []
+            run, mine = self._shard_bf16 if method == "bf16" else self._shard_torch, []
         rest = len(jobs) - len(mine)
         pool = self._workers(rest) if rest else None
         if pool is None:
@@ -307,12 +354,22 @@ class CPUExactSearch:
         return unpack_keys(_top_sorted(keys, k))
 
     def _team_search(self, b: int) -> bool:
-        """One faiss.knn over every row with faiss's own OpenMP team (it splits the queries between threads), for an
-        index that sits in a quarter of the last-level cache, B * D below faiss's BLAS threshold, and more work than
-        ``small_work``. There, T shards cost more in hand-offs and merges than they share: 10k x 128, B = 16, 2 cores,
-        1.9-2.1 ms as two shards, 1.0-1.2 ms as one team search, the same faiss loop as faiss-flat's 1.1-1.3 ms."""
-        return (self._faiss is not None and self.threads > 1 and self._team_index
-                and b * self.x.shape[1] < self._blas_from and b * self.x.numel() > self.small_work)
+        """One faiss.knn over every row with faiss's own OpenMP team (it splits the queries between threads), below
+        faiss's BLAS threshold, for
+
+        - an index within ``team_bytes`` and more work than ``small_work``: there, T shards cost more in hand-offs
+          and merges than they share (10k x 128, B = 16, 2 cores: 1.9-2.1 ms as two shards, 1.0-1.2 ms as one team
+          search, the same faiss loop as faiss-flat's 1.1-1.3 ms);
+        - a larger index at 2 <= B < small_batch: each thread streams the whole index for its queries, and the two
+          streams share what they fetch; T shards streamed each shard once per query and lost 1.5-3x at 50k and 1M
+          x 128, B = 2-8 (same-run ratios 0.35-0.66 against the team's 0.88-1.08).
+        B = 1 stays on shards: a team of two with one query leaves a thread idle (and faiss-flat at B = 1 is 2-4x
+        slower than two shards)."""
+        if self._faiss is None or self.threads < 2 or b * self.x.shape[1] >= self._blas_from:
+            return False
+        if self._team_index:
+            return b * self.x.numel() > self.small_work
+        return 2 <= b < self.small_batch
 
     def _in_caller(self, run, *args, omp_threads=1):
         """run(*args) in the caller's thread, with faiss's OpenMP at omp_threads for it (thread-local, put back)."""
@@ -331,6 +388,58 @@ class CPUExactSearch:
                               self.chunk_elems, self.SLAB)
                   for i in range(0, q.shape[0], self.QUERY_BLOCK)]
         return blocks[0] if len(blocks) == 1 else torch.cat(blocks)
+
+    def _shard_bf16(self, q, a, b, k, exclude):
+        """Top-k packed keys of rows a:b: every row scored from the bfloat16 copy, then the rows that rounding cannot
+        rule out re-scored exactly in float32.
+
+        bfloat16 rounds q and x to 8 bits (relative 2^-9 each), their products are exact in float32, the float32
+        sum adds at most d * 2^-24 of sum |q_i x_i|, and the bfloat16 result 2^-9 more: so
+        |bf16 score - score| <= delta * |q| * |x| with delta = 3 * 2^-9 + 2 (d + 4) * 2^-23 (which also covers
+        the reference's own float32 rounding). If L is the k-th best bfloat16 score less 2 * delta * |q| * max|x|,
+        a row scoring below L in bfloat16 scores below k others in float32: only rows at or above L are re-scored.
+        A faiss heap keeps the best k + BF16_SPARE per query; a query whose last kept score still reaches L may
+        have more candidates and is redone by ``_shard_topk``. The index is read as 2 bytes a value, not 4: where
+        B is small enough that reading it is the cost, this halves it.
+        """
+        faiss = self._faiss
+        bq, rows, d = q.shape[0], b - a, q.shape[1]
+        spare = min(rows, k + self.BF16_SPARE)
+        vals, ids = np.empty((bq, spare), np.float32), np.empty((bq, spare), np.int64)
+        heap = faiss.float_minheap_array_t()
+        heap.nh, heap.k, heap.val, heap.ids = bq, spare, faiss.swig_ptr(vals), faiss.swig_ptr(ids)
+        heap.heapify()
+        qb = q.bfloat16()
+        ex = None if exclude is None else exclude.numpy()
+        step = max(1024, self.chunk_elems // bq)
+        for s in range(a, b, step):
+            c = min(step, b - s)
+            scores = torch.mm(qb, self._xb[s:s + c].t()).float().numpy()
+            if ex is not None:
+                r = np.flatnonzero((ex >= s) & (ex < s + c))
+                scores[r, ex[r] - s] = -np.inf
+            heap.addn(c, faiss.swig_ptr(scores), s, 0, bq)
+        heap.reorder()  # best first; unfilled slots hold id -1
+        qn = q.numpy()
+        qnorm = np.linalg.norm(qn, axis=1)
+        xmax = self._norm_max.get((a, b))
+        if xmax is None:
+            xmax = float(self._norms[a:b].max())
+        delta = (3 * 2.0 ** -9 + 2 * (d + 4) * 2.0 ** -23) * (1 + 2.0 ** -10)  # (1 + 2^-10): |q| rounded in float32
+        slack = 2 * (delta * qnorm * xmax + d * 2.0 ** -118 * (qnorm + xmax))  # + subnormals flushed to zero
+        low = vals[:, k - 1] - slack
+        over = np.flatnonzero((vals[:, -1] >= low) & (ids[:, -1] >= 0) & (spare < rows))
+        live = (vals >= low[:, None]) & (ids >= 0)
+        r, c = np.nonzero(live)
+        exact = np.full(vals.shape, -np.inf, dtype=np.float32)
+        exact[r, c] = np.einsum("ij,ij->i", qn[r], self._x_np[ids[r, c]])
+        keys = np.where(live, _pack_keys_np(exact, ids), np.int64(KEY_MIN))
+        keys = torch.from_numpy(np.ascontiguousarray(np.sort(keys, axis=1)[:, ::-1][:, :k]))
+        if over.size:
+            o = torch.from_numpy(over)
+            keys[o] = _shard_topk(q[o], self.x, a, b, k, None if exclude is None else exclude[o], self.chunk_elems,
+                                  self.SLAB)
+        return keys
 
     def _shard_faiss(self, q, a, b, k, exclude):
         """Top-k packed keys of rows a:b by faiss.knn (see ``_faiss_topk``), for the merge of shards."""
@@ -378,6 +487,27 @@ class CPUExactSearch:
                                self.SLAB)
             scores[r], ids[r] = unpack_keys(_top_sorted(keys, k))
         return scores, ids
+
+
+def _pack_keys_np(scores: np.ndarray, ids: np.ndarray) -> np.ndarray:
+    """kernels.reference.pack_keys in numpy (a few microseconds where torch's small ops cost tens)."""
+    bits = np.where(scores == 0, np.float32(0), scores).astype(np.float32).view(np.int32)
+    ordered = bits ^ ((bits >> 31) & 0x7FFFFFFF)
+    return (ordered.astype(np.int64) << 32) | (_LOW_MASK - ids)
+
+
+def _cpu_has_bf16() -> bool:
+    """Whether the CPU multiplies bfloat16 in hardware (AVX512-BF16 or AMX; Linux /proc/cpuinfo): elsewhere torch
+    converts and a bfloat16 matmul is slower than float32."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    flags = set(line.split(":", 1)[1].split())
+                    return bool(flags & {"avx512_bf16", "amx_bf16"})
+    except OSError:
+        pass
+    return False
 
 
 def _last_level_cache_bytes() -> int:

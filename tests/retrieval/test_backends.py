@@ -64,21 +64,29 @@ def assert_excluded_and_full(ids, exclude, k):
 
 # exact: (B, build params) that drive each CPU path; D=32 so B=4000 crosses faiss's BLAS threshold (B * D >= 128000).
 # small_work=0 keeps the shards at this size (the caller's thread takes the first faiss shard, workers the rest);
-# team_bytes=0 keeps this small index off the one-team faiss search.
+# team_bytes=0 keeps this small index off the one-team faiss search; bf16_filter=False keeps the float32 paths on
+# CPUs that multiply bfloat16, and bf16_filter=True drives the bfloat16 filter on any CPU (torch converts).
+F32 = dict(bf16_filter=False)
+BF16 = dict(bf16_filter=True, bf16_batches=[1, 10**9])
 PATHS = {
-    "faiss-team": (5, dict(threads=2, min_shard_rows=64, small_work=0)),
-    "faiss-loop-2-shards": (5, dict(threads=2, min_shard_rows=64, small_work=0, team_bytes=0)),
-    "faiss-blas-2-shards": (4000, dict(threads=2, min_shard_rows=64, small_work=0)),
-    "faiss-one-job-in-caller": (5, dict(threads=2, min_shard_rows=64)),
+    "faiss-team": (5, dict(threads=2, min_shard_rows=64, small_work=0, **F32)),
+    "faiss-team-beyond-team-bytes": (5, dict(threads=2, min_shard_rows=64, small_work=0, team_bytes=0, **F32)),
+    "faiss-loop-2-shards-b1": (1, dict(threads=2, min_shard_rows=64, small_work=0, team_bytes=0, **F32)),
+    "faiss-blas-2-shards": (4000, dict(threads=2, min_shard_rows=64, small_work=0, **F32)),
+    "faiss-one-job-in-caller": (5, dict(threads=2, min_shard_rows=64, **F32)),
     "torch-slab-3-shards": (37, dict(threads=3, min_shard_rows=64, small_batch=1, chunk_elems=4096, small_work=0,
-                                     team_bytes=0)),
-    "torch-slab-1-shard-b1": (1, dict(threads=1, small_batch=1, chunk_elems=4096)),
+                                     team_bytes=0, **F32)),
+    "torch-slab-1-shard-b1": (1, dict(threads=1, small_batch=1, chunk_elems=4096, **F32)),
+    "bf16-team": (37, dict(threads=2, bf16_team=True, chunk_elems=4096, **BF16)),
+    "bf16-3-shards": (37, dict(threads=3, min_shard_rows=64, small_work=0, bf16_team=False, chunk_elems=4096,
+                               **BF16)),
     "reference": (7, dict(cpu_path="reference")),
 }
 
 
 @pytest.mark.parametrize("integer", [True, False], ids=["integer-ties", "float"])
-@pytest.mark.parametrize("path", [pytest.param(p, marks=needs_faiss) if "faiss" in p else p for p in PATHS])
+@pytest.mark.parametrize("path", [pytest.param(p, marks=needs_faiss) if "faiss" in p or "bf16" in p else p
+                                  for p in PATHS])
 def test_exact_matches_ip_topk(path, integer):
     n, d = 3001, 32
     b, params = PATHS[path]
@@ -87,6 +95,8 @@ def test_exact_matches_ip_topk(path, integer):
     backend = build_backend("exact", x, **params)
     if "faiss" in path:
         assert backend._cpu.method(b) == ("faiss-team" if "team" in path else "faiss")
+    if "bf16" in path:
+        assert backend._cpu.method(b) == "bf16"
     if "torch" in path:
         assert backend._cpu.method(b) == "torch"
     for k, ex in [(1, None), (K, None), (K, _exclude(b, n)), (70, _exclude(b, n))]:
@@ -102,13 +112,91 @@ def test_exact_faiss_shards_shorter_than_k(integer):
     only 69; the merge must still give the reference's 70 of 139."""
     n, d, b = 140, 32, 5
     x, q = _data(n, d, integer), _data(b, d, integer, seed=2)
-    backend = build_backend("exact", x, threads=2, min_shard_rows=64, small_work=0, team_bytes=0)
-    assert backend._cpu.method(b) == "faiss" and len(backend._cpu.shards) == 2
+    backend = build_backend("exact", x, threads=2, min_shard_rows=64, small_work=0, team_bytes=0, **F32)
+    assert backend._cpu.method(1) == "faiss" and len(backend._cpu.shards) == 2  # B = 1 runs shards
     ex = torch.tensor([3, 75, -1, 139, 0])
-    for k, e in [(70, ex), (70, None), (69, ex)]:
-        got = backend.search(q, k, e)
-        assert_same_topk(got, kernels.ip_topk(q, x, k, e), q, x, exact_ids=integer)
-        assert_excluded_and_full(got[1], e, k)
+    for i in range(b):
+        for k, e in [(70, ex[i:i + 1]), (70, None), (69, ex[i:i + 1])]:
+            got = backend.search(q[i:i + 1], k, e)
+            assert_same_topk(got, kernels.ip_topk(q[i:i + 1], x, k, e), q[i:i + 1], x, exact_ids=integer)
+            assert_excluded_and_full(got[1], e, k)
+
+
+def _near_ties(n, d, b, gap, seed=0):
+    """Rows whose scores against each query differ by ~gap (far below bfloat16's resolution, far above float32's):
+    only the float32 re-rank can order them. Norms spread over 0.5-2 so the bound's max |x| is not |x|."""
+    g = torch.Generator().manual_seed(seed)
+    u, v = torch.nn.functional.normalize(torch.randn(2, d, generator=g), dim=1)
+    v = v - (v @ u) * u
+    q = u + 0.01 * torch.randn(b, d, generator=g)
+    x = u + (torch.randperm(n, generator=g).float() * gap)[:, None] * v / (v @ v)
+    return x * (0.5 + 1.5 * torch.rand(n, 1, generator=g)), q
+
+
+@needs_faiss
+@pytest.mark.parametrize("team", [True, False], ids=["team", "shards"])
+def test_exact_bf16_filter_orders_what_bfloat16_cannot(team):
+    x, q = _near_ties(3000, 32, 9, 1e-4)
+    backend = build_backend("exact", x, threads=2, min_shard_rows=64, small_work=0, bf16_team=team, **BF16)
+    assert backend._cpu.method(9) == "bf16"
+    coarse = (q.bfloat16() @ x.bfloat16().t()).float().topk(K, dim=1).indices
+    ref = kernels.ip_topk(q, x, K, _exclude(9, 3000))
+    assert not torch.equal(coarse, ref[1])  # the data does defeat bfloat16 on its own
+    got = backend.search(q, K, _exclude(9, 3000))
+    assert_same_topk(got, ref, q, x, exact_ids=True)
+
+
+@needs_faiss
+@pytest.mark.parametrize("spare", [0, 3])
+def test_exact_bf16_filter_redoes_queries_whose_candidates_overflow(spare, monkeypatch):
+    """With 0 (or 3) heap slots past k, queries may hold more candidates than kept: they are redone exactly."""
+    from realm_hpc.retrieval import backends
+
+    redone = []
+    slab = backends._shard_topk
+    monkeypatch.setattr(backends, "_shard_topk", lambda q, *a: redone.append(q.shape[0]) or slab(q, *a))
+    x, q = _near_ties(3000, 32, 9, 1e-4)
+    backend = build_backend("exact", x, threads=2, min_shard_rows=64, small_work=0, bf16_team=False, **BF16)
+    backend._cpu.BF16_SPARE = spare
+    ex = _exclude(9, 3000)
+    assert_same_topk(backend.search(q, K, ex), kernels.ip_topk(q, x, K, ex), q, x, exact_ids=True)
+    assert sum(redone) >= (2 * 9 if spare == 0 else 1)  # spare 0: every query in both shards
+
+
+@pytest.mark.parametrize("d", [32, 128, 768])
+def test_bfloat16_matmul_error_within_the_filters_bound(d):
+    """The filter assumes torch's bfloat16 matmul sums in float32 and rounds once: |bf16 score - score| <=
+    (3 * 2^-9 + (d + 4) * 2^-23) |q| |x| (its delta adds as much again for the float32 reference's own rounding).
+    Checked on this machine's kernels, with norms spread over four orders of magnitude and B = 1, 16, 300 (oneDNN
+    picks its kernel by shape)."""
+    g = torch.Generator().manual_seed(d)
+    x = torch.randn(4000, d, generator=g) * 10 ** (4 * torch.rand(4000, 1, generator=g) - 2)
+    for b in (1, 16, 300):
+        q = torch.randn(b, d, generator=g)
+        approx = (q.bfloat16() @ x.bfloat16().t()).float()
+        truth = q.double() @ x.double().t()
+        bound = (3 * 2.0 ** -9 + (d + 4) * 2.0 ** -23) * q.double().norm(dim=1)[:, None] * x.double().norm(dim=1)
+        assert ((approx.double() - truth).abs() <= bound).all()
+
+
+@needs_faiss
+def test_exact_bf16_filter_off_for_rows_or_queries_it_cannot_bound(monkeypatch):
+    x = _data(3000, 32, False)
+    on = build_backend("exact", x, threads=2, **BF16)
+    assert on._cpu.method(5) == "bf16"
+    bad = x.clone()
+    bad[7, 3] = float("inf")
+    assert build_backend("exact", bad, threads=2, **BF16)._cpu.method(5) != "bf16"
+    q = _data(5, 32, False, seed=2)
+    q[1, 0] = float("nan")
+
+    def refuse(*args):
+        raise AssertionError("a query without a bound reached the bfloat16 filter")
+
+    monkeypatch.setattr(on._cpu, "_shard_bf16", refuse)
+    on.search(q, K)  # a NaN query: answered by a float32 path
+    with pytest.raises(AssertionError, match="without a bound"):
+        on.search(q.nan_to_num(), K)
 
 
 @pytest.mark.parametrize("dtype", ["bf16", "fp16"])
@@ -121,7 +209,8 @@ def test_exact_low_precision_matches_ip_topk(dtype):
 
 def test_exact_leaves_caller_threads_alone():
     before = torch.get_num_threads()
-    backend = build_backend("exact", _data(5000, 16, False), threads=2, min_shard_rows=64, small_work=0, team_bytes=0)
+    backend = build_backend("exact", _data(5000, 16, False), threads=2, min_shard_rows=64, small_work=0, team_bytes=0,
+                            **F32)
     backend.search(_data(40, 16, False), K)
     assert torch.get_num_threads() == before
     faiss = pytest.importorskip("faiss")
@@ -130,7 +219,7 @@ def test_exact_leaves_caller_threads_alone():
     assert faiss.omp_get_max_threads() == omp
     faiss.omp_set_num_threads(1)
     try:  # one team search at the backend's two threads puts the caller's one back
-        team = build_backend("exact", _data(5000, 16, False), threads=2, small_work=0)
+        team = build_backend("exact", _data(5000, 16, False), threads=2, small_work=0, **F32)
         assert team._cpu.method(3) == "faiss-team"
         team.search(_data(3, 16, False), K)
         assert faiss.omp_get_max_threads() == 1
