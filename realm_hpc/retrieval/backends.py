@@ -223,17 +223,18 @@ class CPUExactSearch:
       no copy of the index);
     - B < small_batch: ``faiss.knn`` too, i.e. its per-query loop: at B=1 it streams ~4x faster than MKL's gemv;
     - otherwise, and always without faiss: ``_shard_topk``, chunked matmul with a slab-max filter;
-    - except for an index within ``team_bytes`` (a quarter of the LLC) below the BLAS threshold: one ``faiss.knn``
-      over every row with faiss's own OpenMP team (see ``_team_search``).
+    - except below the BLAS threshold for an index within ``team_bytes`` (a quarter of the LLC), or for a larger
+      one at 2 <= B < small_batch: one ``faiss.knn`` over every row with faiss's own OpenMP team (``_team_search``).
     - before all of these, B within ``bf16_batches`` where the CPU multiplies bfloat16 (``_shard_bf16``): a
       bfloat16 copy of the rows scores them all (half the bytes to read), and the few rows its rounding bound cannot
       rule out are re-scored in float32, so the answer is still exact. One search with torch's threads where the
-      index fits the LLC, else one per shard. 2-core EPYC (Zen 4), same-run ratios to faiss-flat: 50k x 128 at
-      B = 16 / 64 / 256 2.4-6x where the float32 paths gave 0.9-2.6x; 1M at B = 16-1024 1.8-9.6x (float32 paths
-      1.0-3.8x); at 10k only B = 128-512 gain (1.2-1.45x against 1.0-1.07x).
+      index fits the LLC, else one per shard. 2-core EPYC (Zen 4), two bench runs (README), ratio to faiss-flat:
+      50k x 128 at B = 4-1024 1.1-5.7x and 1M at B = 4-1024 1.5-9.8x, where the float32 paths had given 0.6-2.6x
+      and 0.6-3.8x; within team_bytes (10k) only B = 128-512 gain (1.6-1.8x at 256): at B = 1024 the work is
+      compute-bound and faiss's sgemm beats bfloat16 matmul + conversion + heap + re-rank.
 
     faiss is asked for k + 2 so that exclusion and a tie at the k-th place are visible; a row tied there is redone
-    by ``_shard_topk``, whose packed-key selection breaks ties to the lower id like the reference.
+    by ``_shard_topk``, whose packed-key selection breaks ties to the lower id like the reference (``_faiss_topk``).
     Workers get one torch / OpenMP / MKL thread each, thread-locally: the caller's settings are left as they were.
 
     Small indexes are where per-call costs show (10k x 128 is ~0.3 ms of work at B=1): the caller's thread runs
