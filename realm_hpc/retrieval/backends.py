@@ -30,7 +30,7 @@ import numpy as np
 import torch
 
 import kernels
-from kernels.reference import _LOW_MASK, KEY_MIN, _chunk_topk, pack_keys, unpack_keys  # the reference's own selection:
+from kernels.reference import KEY_MIN, _chunk_topk, pack_keys, unpack_keys  # the reference's own selection:
 # the same packed keys and tie handling, so the CPU search breaks ties exactly as kernels.ip_topk does
 
 # ----------------------------------------------------------------------------------------------------- helpers
@@ -434,8 +434,8 @@ class CPUExactSearch:
         r, c = np.nonzero(live)
         exact = np.full(vals.shape, -np.inf, dtype=np.float32)
         exact[r, c] = np.einsum("ij,ij->i", qn[r], self._x_np[ids[r, c]])
-        keys = np.where(live, _pack_keys_np(exact, ids), np.int64(KEY_MIN))
-        keys = torch.from_numpy(np.ascontiguousarray(np.sort(keys, axis=1)[:, ::-1][:, :k]))
+        keys = pack_keys(torch.from_numpy(exact), torch.from_numpy(ids)).masked_fill_(torch.from_numpy(~live), KEY_MIN)
+        keys = _top_sorted(keys, k)
         if over.size:
             o = torch.from_numpy(over)
             keys[o] = _shard_topk(q[o], self.x, a, b, k, None if exclude is None else exclude[o], self.chunk_elems,
@@ -488,13 +488,6 @@ class CPUExactSearch:
                                self.SLAB)
             scores[r], ids[r] = unpack_keys(_top_sorted(keys, k))
         return scores, ids
-
-
-def _pack_keys_np(scores: np.ndarray, ids: np.ndarray) -> np.ndarray:
-    """kernels.reference.pack_keys in numpy (a few microseconds where torch's small ops cost tens)."""
-    bits = np.where(scores == 0, np.float32(0), scores).astype(np.float32).view(np.int32)
-    ordered = bits ^ ((bits >> 31) & 0x7FFFFFFF)
-    return (ordered.astype(np.int64) << 32) | (_LOW_MASK - ids)
 
 
 def _cpu_has_bf16() -> bool:
