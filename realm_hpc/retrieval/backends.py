@@ -283,8 +283,8 @@ class CPUExactSearch:
             norms = x.norm(dim=1)
             if float(norms.max()) < 2.0 ** 60:  # far from float32's range: no product or sum can overflow
                 self._xb = x.bfloat16()
+                # max |x| of every row range a search hands _shard_bf16: each shard, and all rows as one job
                 self._norm_max = {(a, z): float(norms[a:z].max()) for a, z in self.shards + [(0, n)]}
-                self._norms = norms
         if bf16_batches is None:
             bf16_batches = (128, 512) if self._team_index else (4, 1 << 62)
         if len(bf16_batches) != 2:
@@ -423,9 +423,7 @@ class CPUExactSearch:
         heap.reorder()  # best first; unfilled slots hold id -1
         qn = q.numpy()
         qnorm = np.linalg.norm(qn, axis=1)
-        xmax = self._norm_max.get((a, b))
-        if xmax is None:
-            xmax = float(self._norms[a:b].max())
+        xmax = self._norm_max[(a, b)]
         delta = (3 * 2.0 ** -9 + 2 * (d + 4) * 2.0 ** -23) * (1 + 2.0 ** -10)  # (1 + 2^-10): |q| rounded in float32
         slack = 2 * (delta * qnorm * xmax + d * 2.0 ** -118 * (qnorm + xmax))  # + subnormals flushed to zero
         low = vals[:, k - 1] - slack
