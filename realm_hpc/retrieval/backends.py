@@ -147,14 +147,15 @@ class ExactParams:
     small_batch: int | None = None  # B below this uses faiss's per-query loop; None = by the index's size against
     # the last-level cache: 64 within a quarter of it (the loop streams from cache), 16 within it, else 8
     min_shard_rows: int = 2048  # fewer rows than threads * this: fewer shards
-    small_work: int = 1 << 22  # B * N * D multiply-adds up to which a search is one job in the caller's thread
+    small_work: int | None = None  # B * N * D multiply-adds up to which a search is one job in the caller's
+    # thread; None = a quarter of the last-level cache's bytes (B = 1 over a float32 index that fits in it)
     chunk_elems: int = 1 << 20  # score block per chunk (B x C floats): 4 MiB stays in L2/L3
     team_bytes: int | None = None  # an index up to this size is searched by one faiss OpenMP team below the BLAS
     # threshold, not by shards; None = a quarter of the last-level cache, 0 = never
     bf16_filter: bool | None = None  # float32 rows: keep a bfloat16 copy (+50 % memory) that scores every row, and
     # re-score exactly the rows its rounding bound cannot rule out; None = where the CPU has AVX512-BF16 or AMX
-    bf16_batches: list[int] | None = None  # [lo, hi]: batch sizes that use it; None = [128, 512] for an index within
-    # team_bytes (it streams from cache: faiss's loop is hard to beat), else [4, no limit]
+    bf16_batches: list[int] | None = None  # [lo, hi]: batch sizes that use it; None = [32, no limit] for an index
+    # within team_bytes (below 32 it streams from cache: faiss's loop is hard to beat), else [3, no limit]
     bf16_team: bool | None = None  # one search with torch's threads (True) or one per shard (False); None = the
     # index fits the last-level cache
 
@@ -226,12 +227,14 @@ class CPUExactSearch:
     - except below the BLAS threshold for an index within ``team_bytes`` (a quarter of the LLC), or for a larger
       one at 2 <= B < small_batch: one ``faiss.knn`` over every row with faiss's own OpenMP team (``_team_search``).
     - before all of these, B within ``bf16_batches`` where the CPU multiplies bfloat16 (``_shard_bf16``): a
-      bfloat16 copy of the rows scores them all (half the bytes to read), and the few rows its rounding bound cannot
-      rule out are re-scored in float32, so the answer is still exact. One search with torch's threads where the
-      index fits the LLC, else one per shard. 2-core EPYC (Zen 4), two bench runs (README), ratio to faiss-flat:
+      bfloat16 copy of the rows scores them all (half the bytes to read, twice the multiply rate), and the few rows
+      its rounding bound cannot rule out are re-scored in float32, so the answer is still exact. One search with
+      torch's threads where the index fits the LLC (from TEAM_SLAB_FROM queries the heap gives way to slab maxima,
+      ``_team_bf16``), else one per shard. 2-core EPYC (Zen 4), two bench runs (README), ratio to faiss-flat:
       50k x 128 at B = 4-1024 1.1-5.7x and 1M at B = 4-1024 1.5-9.8x, where the float32 paths had given 0.6-2.6x
-      and 0.6-3.8x; within team_bytes (10k) only B = 128-512 gain (1.6-1.8x at 256): at B = 1024 the work is
-      compute-bound and faiss's sgemm beats bfloat16 matmul + conversion + heap + re-rank.
+      and 0.6-3.8x. Within team_bytes (10k) the heap gained only at B = 128-512: at B = 1024 bfloat16 matmul +
+      conversion + heap + re-rank lost to faiss's sgemm; the slab maxima took that cell from 0.92-0.98x to
+      1.3-1.6x (Zen 5), and B = 32-512 to 1.4-3x.
 
     faiss is asked for k + 2 so that exclusion and a tie at the k-th place are visible; a row tied there is redone
     by ``_shard_topk``, whose packed-key selection breaks ties to the lower id like the reference (``_faiss_topk``).
@@ -240,22 +243,27 @@ class CPUExactSearch:
     Small indexes are where per-call costs show (10k x 128 is ~0.3 ms of work at B=1): the caller's thread runs
     the first faiss job itself (faiss's OpenMP set to one thread for it, thread-locally, and put back), so a
     T-shard search wakes T - 1 workers, and a search of at most ``small_work`` multiply-adds is one job over every
-    row, in the caller's thread. Shards are at least ``min_shard_rows`` rows, so at 10k rows both threads work.
+    row, in the caller's thread: by default B = 1 over an index that fits the LLC (2-core EPYC, Zen 5, B = 1, one
+    job vs two shards: 50k x 128 0.67-0.85 vs 1.0-1.8 ms, 64k 1.44 vs 1.87 ms, 100k 1.7 vs 2.2 ms, and beyond it
+    200k 4.5 vs 4.1 ms, 1M 15.7 vs 13.1 ms). Shards are at least ``min_shard_rows`` rows.
     """
 
     SLAB = 16
     QUERY_BLOCK = 1024
     BF16_SPARE = 40  # heap slots past k for the rows the bfloat16 bound cannot rule out
+    TEAM_SLAB_FROM = 32  # a team bfloat16 search of fewer queries keeps _shard_bf16's heap (less fixed cost)
+    TEAM_CHUNK = 1 << 22  # _team_bf16: scores per chunk of queries (8 MiB as bfloat16)
+    TEAM_CAP = 256  # _team_bf16: a query with more candidates than this + 4k goes to the heap
 
     def __init__(self, x: torch.Tensor, threads=None, small_batch=None, min_shard_rows=2048, chunk_elems=1 << 20,
-                 small_work=1 << 22, team_bytes=None, bf16_filter=None, bf16_batches=None, bf16_team=None):
+                 small_work=None, team_bytes=None, bf16_filter=None, bf16_batches=None, bf16_team=None):
         self.x = x
-        self.small_work = small_work
         self.threads = max(1, threads or torch.get_num_threads())
         self.chunk_elems = chunk_elems
         n = x.shape[0]
         size, llc = x.numel() * x.element_size(), _last_level_cache_bytes()
         self._team_index = size <= (llc // 4 if team_bytes is None else team_bytes)
+        self.small_work = llc // 4 if small_work is None else small_work
         n_shards = max(1, min(self.threads, n // max(1, min_shard_rows)))
         step = -(-n // n_shards)
         self.shards = [(a, min(a + step, n)) for a in range(0, n, step)]
@@ -282,11 +290,14 @@ class CPUExactSearch:
         if bf16_filter and self._faiss is not None and n > self.BF16_SPARE and bool(torch.isfinite(x).all()):
             norms = x.norm(dim=1)
             if float(norms.max()) < 2.0 ** 60:  # far from float32's range: no product or sum can overflow
-                self._xb = x.bfloat16()
+                # padded with zero rows to whole slabs for _team_bf16 (its padding scores are masked; the shard
+                # path reads rows below n only)
+                self._xb = torch.zeros(-(-n // self.SLAB) * self.SLAB, x.shape[1], dtype=torch.bfloat16)
+                self._xb[:n] = x
                 # max |x| of every row range a search hands _shard_bf16: each shard, and all rows as one job
                 self._norm_max = {(a, z): float(norms[a:z].max()) for a, z in self.shards + [(0, n)]}
         if bf16_batches is None:
-            bf16_batches = (128, 512) if self._team_index else (4, 1 << 62)
+            bf16_batches = (32 if self._team_index else 3, 1 << 62)
         if len(bf16_batches) != 2:
             raise ValueError(f"exact.bf16_batches must be [lo, hi], got {bf16_batches!r}")
         self.bf16_batches = tuple(bf16_batches)
@@ -335,8 +346,10 @@ class CPUExactSearch:
             method = self.method(b, bf16=False)
         if method == "faiss-team":
             return self._in_caller(self._faiss_topk, q, 0, n, k, exclude, omp_threads=self.threads)
-        if method == "bf16" and self.bf16_team:
-            return unpack_keys(self._shard_bf16(q, 0, n, k, exclude))  # sorted best first
+        if method == "bf16" and self.bf16_team:  # sorted best first
+            if b >= self.TEAM_SLAB_FROM:
+                return unpack_keys(self._team_bf16(q, k, exclude))
+            return unpack_keys(self._shard_bf16(q, 0, n, k, exclude))
         shards = [(0, n)] if b * n * self.x.shape[1] <= self.small_work else self.shards
         jobs = [(a, z, min(k, z - a)) for a, z in shards]
         if method == "faiss":
@@ -358,19 +371,18 @@ class CPUExactSearch:
         """One faiss.knn over every row with faiss's own OpenMP team (it splits the queries between threads), below
         faiss's BLAS threshold, for
 
-        - an index within ``team_bytes`` and more work than ``small_work``: there, T shards cost more in hand-offs
-          and merges than they share (10k x 128, B = 16, 2 cores: 1.9-2.1 ms as two shards, 1.0-1.2 ms as one team
-          search, the same faiss loop as faiss-flat's 1.1-1.3 ms);
+        - an index within ``team_bytes`` at B >= 2: there, T shards cost more in hand-offs and merges than they
+          share (10k x 128, B = 16, 2 cores: 1.9-2.1 ms as two shards, 1.0-1.2 ms as one team search, the same
+          faiss loop as faiss-flat's 1.1-1.3 ms), and one job in the caller's thread leaves a core idle (B = 2:
+          0.15 ms as one job, 0.095 ms as a team at 10k; the team was ahead at B = 2-8 from 1k rows up);
         - a larger index at 2 <= B < small_batch: each thread streams the whole index for its queries, and the two
           streams share what they fetch; T shards streamed each shard once per query and lost 1.5-3x at 50k and 1M
           x 128, B = 2-8 (same-run ratios 0.35-0.66 against the team's 0.88-1.08).
-        B = 1 stays on shards: a team of two with one query leaves a thread idle (and faiss-flat at B = 1 is 2-4x
-        slower than two shards)."""
+        B = 1 stays on shards (or one job): a team of two with one query leaves a thread idle (team 0.185 ms, one
+        job 0.093 ms at 10k; faiss-flat at B = 1 is 2-4x slower than two shards)."""
         if self._faiss is None or self.threads < 2 or b * self.x.shape[1] >= self._blas_from:
             return False
-        if self._team_index:
-            return b * self.x.numel() > self.small_work
-        return 2 <= b < self.small_batch
+        return b >= 2 if self._team_index else 2 <= b < self.small_batch
 
     def _in_caller(self, run, *args, omp_threads=1):
         """run(*args) in the caller's thread, with faiss's OpenMP at omp_threads for it (thread-local, put back)."""
@@ -389,6 +401,67 @@ class CPUExactSearch:
                               self.chunk_elems, self.SLAB)
                   for i in range(0, q.shape[0], self.QUERY_BLOCK)]
         return blocks[0] if len(blocks) == 1 else torch.cat(blocks)
+
+    def _team_bf16(self, q, k, exclude):
+        """Top-k packed keys of every row, sorted, for an index within the LLC: ``_shard_bf16``'s bound with a
+        selection that needs no heap.
+
+        Per chunk of queries (TEAM_CHUNK scores), one bfloat16 matmul scores every row; its columns are cut into
+        SLAB strided slabs (rows j, j + M, j + 2M, ...), and the k-th best slab maximum is at most the k-th best
+        score, so L = that less the rounding slack is a bound below which no row can make the top k. The slabs whose
+        maximum reaches L, and in them the rows that reach L, are the candidates (~k + a few per query on random
+        data), re-scored in float32 by faiss and ranked by packed keys. All of it reads the scores as int16: a
+        bfloat16 >= 0 orders like its bits, so max and compare run as integer SIMD (a float conversion of the scores
+        costs more than the matmul). Where L <= 0 (the bits of negative scores order backwards) or a query has more
+        than TEAM_CAP + 4k candidates (many equal rows), the query is redone by ``_shard_bf16``'s heap. 10k x 128,
+        B = 1024 on the 2-core EPYC: 12-14 ms against faiss-flat's 16-18 ms, where the heap path took 23-30 ms.
+        """
+        faiss, n, d, b = self._faiss, self.x.shape[0], q.shape[1], q.shape[0]
+        m = self._xb.shape[0] // self.SLAB
+        if m < k:  # fewer slabs than k: no k-th slab maximum
+            return self._shard_bf16(q, 0, n, k, exclude)
+        neg = torch.tensor(float("-inf"), dtype=torch.bfloat16).view(torch.int16)
+        slack = _bf16_slack(q.norm(dim=1).double(), self._norm_max[(0, n)], d)
+        qn = q.numpy()
+        out, redo = [], []
+        step = max(1, self.TEAM_CHUNK // self._xb.shape[0])
+        for i in range(0, b, step):
+            qq, bq = q[i:i + step], min(step, b - i)
+            s = torch.mm(qq.bfloat16(), self._xb.t()).view(torch.int16)
+            s[:, n:] = neg  # padding rows
+            if exclude is not None:
+                ex = exclude[i:i + step]
+                r = torch.nonzero((ex >= 0) & (ex < n), as_tuple=True)[0]
+                s[r, ex[r]] = neg
+            slabs = s.view(bq, self.SLAB, m)
+            top = slabs.amax(dim=1)  # the slab's max where >= 0 (else its min: negative either way)
+            kth = torch.topk(top, k, dim=1, sorted=False).values.amin(dim=1).view(torch.bfloat16).double()
+            low = kth - slack[i:i + bq]
+            lb = low.clamp_min(0).bfloat16()
+            lbits = lb.view(torch.int16) - (lb.double() > low).short()  # the largest bfloat16 <= L, as bits
+            bad = ~(low > 0)  # also NaN
+            lbits[bad] = torch.iinfo(torch.int16).max  # no candidates: redone below
+            qi, si = torch.nonzero(top >= lbits[:, None], as_tuple=True)
+            pi, ci = torch.nonzero(slabs.permute(0, 2, 1)[qi, si] >= lbits[qi, None], as_tuple=True)
+            rq, rows = qi[pi], ci * m + si[pi]
+            count = torch.bincount(rq, minlength=bq)
+            bad |= count > self.TEAM_CAP + 4 * k
+            keep = ~bad[rq]
+            rq, rows = rq[keep], rows[keep]
+            count = count.masked_fill(bad, 0)
+            c = max(k, int(count.max()))
+            ids = torch.full((bq, c), -1, dtype=torch.int64)
+            ids[rq, torch.arange(rq.numel()) - (torch.cumsum(count, 0) - count)[rq]] = rows
+            scores = np.empty((bq, c), np.float32)
+            faiss.fvec_inner_products_by_idx(faiss.swig_ptr(scores), faiss.swig_ptr(qn[i:i + bq]),
+                                             faiss.swig_ptr(self._x_np), faiss.swig_ptr(ids.numpy()), d, bq, c)
+            keys = pack_keys(torch.from_numpy(scores), ids.clamp_min(0)).masked_fill_(ids < 0, KEY_MIN)
+            out.append(_top_sorted(keys, k))
+            redo.append(torch.nonzero(bad, as_tuple=True)[0] + i)
+        keys, redo = torch.cat(out), torch.cat(redo)
+        if redo.numel():
+            keys[redo] = self._shard_bf16(q[redo], 0, n, k, None if exclude is None else exclude[redo])
+        return keys
 
     def _shard_bf16(self, q, a, b, k, exclude):
         """Top-k packed keys of rows a:b: every row scored from the bfloat16 copy, then the rows that rounding cannot
@@ -422,11 +495,7 @@ class CPUExactSearch:
             heap.addn(c, faiss.swig_ptr(scores), s, 0, bq)
         heap.reorder()  # best first; unfilled slots hold id -1
         qn = q.numpy()
-        qnorm = np.linalg.norm(qn, axis=1)
-        xmax = self._norm_max[(a, b)]
-        delta = (3 * 2.0 ** -9 + 2 * (d + 4) * 2.0 ** -23) * (1 + 2.0 ** -10)  # (1 + 2^-10): |q| rounded in float32
-        slack = 2 * (delta * qnorm * xmax + d * 2.0 ** -118 * (qnorm + xmax))  # + subnormals flushed to zero
-        low = vals[:, k - 1] - slack
+        low = vals[:, k - 1] - _bf16_slack(np.linalg.norm(qn, axis=1), self._norm_max[(a, b)], d)
         over = np.flatnonzero((vals[:, -1] >= low) & (ids[:, -1] >= 0) & (spare < rows))
         live = (vals >= low[:, None]) & (ids >= 0)
         r, c = np.nonzero(live)
@@ -486,6 +555,13 @@ class CPUExactSearch:
                                self.SLAB)
             scores[r], ids[r] = unpack_keys(_top_sorted(keys, k))
         return scores, ids
+
+
+def _bf16_slack(qnorm, xmax: float, d: int):
+    """2 * delta * |q| * max|x| (+ flushed subnormals): no row whose bfloat16 score is that far below the k-th best
+    bfloat16 score can make the float32 top k (the bound is derived in ``CPUExactSearch._shard_bf16``)."""
+    delta = (3 * 2.0 ** -9 + 2 * (d + 4) * 2.0 ** -23) * (1 + 2.0 ** -10)  # (1 + 2^-10): |q| rounded in float32
+    return 2 * (delta * qnorm * xmax + d * 2.0 ** -118 * (qnorm + xmax))
 
 
 def _cpu_has_bf16() -> bool:

@@ -73,11 +73,12 @@ PATHS = {
     "faiss-team-beyond-team-bytes": (5, dict(threads=2, min_shard_rows=64, small_work=0, team_bytes=0, **F32)),
     "faiss-loop-2-shards-b1": (1, dict(threads=2, min_shard_rows=64, small_work=0, team_bytes=0, **F32)),
     "faiss-blas-2-shards": (4000, dict(threads=2, min_shard_rows=64, small_work=0, **F32)),
-    "faiss-one-job-in-caller": (5, dict(threads=2, min_shard_rows=64, **F32)),
+    "faiss-one-job-in-caller": (1, dict(threads=2, min_shard_rows=64, **F32)),
     "torch-slab-3-shards": (37, dict(threads=3, min_shard_rows=64, small_batch=1, chunk_elems=4096, small_work=0,
                                      team_bytes=0, **F32)),
     "torch-slab-1-shard-b1": (1, dict(threads=1, small_batch=1, chunk_elems=4096, **F32)),
-    "bf16-team": (37, dict(threads=2, bf16_team=True, chunk_elems=4096, **BF16)),
+    "bf16-team": (37, dict(threads=2, bf16_team=True, chunk_elems=4096, **BF16)),  # slab maxima (B >= 32)
+    "bf16-team-heap": (9, dict(threads=2, bf16_team=True, chunk_elems=4096, **BF16)),
     "bf16-3-shards": (37, dict(threads=3, min_shard_rows=64, small_work=0, bf16_team=False, chunk_elems=4096,
                                **BF16)),
     "reference": (7, dict(cpu_path="reference")),
@@ -134,16 +135,22 @@ def _near_ties(n, d, b, gap, seed=0):
 
 
 @needs_faiss
-@pytest.mark.parametrize("team", [True, False], ids=["team", "shards"])
-def test_exact_bf16_filter_orders_what_bfloat16_cannot(team):
+@pytest.mark.parametrize("selection", ["team-slab-maxima", "team-heap", "shards-heap"])
+def test_exact_bf16_filter_orders_what_bfloat16_cannot(selection, monkeypatch):
     x, q = _near_ties(3000, 32, 9, 1e-4)
-    backend = build_backend("exact", x, threads=2, min_shard_rows=64, small_work=0, bf16_team=team, **BF16)
+    backend = build_backend("exact", x, threads=2, min_shard_rows=64, small_work=0,
+                            bf16_team=selection.startswith("team"), **BF16)
     assert backend._cpu.method(9) == "bf16"
+    redone = []
+    if selection == "team-slab-maxima":
+        backend._cpu.TEAM_SLAB_FROM = 1
+        redone = _heap_redos(backend, monkeypatch)
     coarse = (q.bfloat16() @ x.bfloat16().t()).float().topk(K, dim=1).indices
     ref = kernels.ip_topk(q, x, K, _exclude(9, 3000))
     assert not torch.equal(coarse, ref[1])  # the data does defeat bfloat16 on its own
     got = backend.search(q, K, _exclude(9, 3000))
     assert_same_topk(got, ref, q, x, exact_ids=True)
+    assert not redone  # the slab selection ordered them itself, no query handed to the heap
 
 
 @needs_faiss
@@ -161,6 +168,61 @@ def test_exact_bf16_filter_redoes_queries_whose_candidates_overflow(spare, monke
     ex = _exclude(9, 3000)
     assert_same_topk(backend.search(q, K, ex), kernels.ip_topk(q, x, K, ex), q, x, exact_ids=True)
     assert sum(redone) >= (2 * 9 if spare == 0 else 1)  # spare 0: every query in both shards
+
+
+def _heap_redos(backend, monkeypatch) -> list:
+    """Count the queries ``_team_bf16`` hands back to the heap path."""
+    cpu, redone = backend._cpu, []
+    heap = cpu._shard_bf16
+    monkeypatch.setattr(cpu, "_shard_bf16", lambda q, *a: redone.append(q.shape[0]) or heap(q, *a))
+    return redone
+
+
+@needs_faiss
+@pytest.mark.parametrize("integer", [True, False], ids=["integer-ties", "float"])
+def test_exact_bf16_team_over_query_chunks(integer, monkeypatch):
+    """The team filter in chunks of 5 queries (the last one short), k from 1 to 70, excluding for half the queries
+    their best row: every chunk's own threshold and candidate table, and ties to the lower id across them."""
+    n, d, b = 3001, 32, 23
+    x, q = _data(n, d, integer), _data(b, d, integer, seed=2)
+    backend = build_backend("exact", x, threads=2, **BF16)
+    assert backend._cpu.method(b) == "bf16" and backend._cpu.bf16_team
+    backend._cpu.TEAM_CHUNK = 5 * backend._cpu._xb.shape[0]
+    backend._cpu.TEAM_SLAB_FROM = 1  # the slab selection at this B too (fewer queries default to the heap)
+    redone = _heap_redos(backend, monkeypatch)
+    best = kernels.ip_topk(q, x, 1)[1][:, 0]
+    for k in (1, K, 70):
+        ex = _exclude(b, n)
+        ex[1::2] = best[1::2]  # REALM's case: the excluded row is the best match
+        got = backend.search(q, k, ex)
+        assert_same_topk(got, kernels.ip_topk(q, x, k, ex), q, x, exact_ids=integer)
+        assert_excluded_and_full(got[1], ex, k)
+    if not integer:
+        assert not redone  # unit vectors in 32-d: a positive k-th score and ~k candidates, no query redone
+
+
+@needs_faiss
+def test_exact_bf16_team_redoes_what_its_int16_compare_cannot_bound(monkeypatch):
+    """The team filter compares bfloat16 bits as int16, which orders only scores >= 0: queries whose threshold is
+    not positive (every score negative), and queries with more than TEAM_CAP + 4k candidates (rows repeated), go to
+    the heap path, and the answer is still the reference's (ties to the lower id among the copies)."""
+    e0 = torch.eye(32)[0]
+    x = torch.nn.functional.normalize(_data(3000, 32, False) + e0, dim=1)  # every row leans towards e0
+    q = _data(12, 32, False, seed=2)
+    x[1000:1400] = x[5]  # 400 copies of row 5, and query 3 aims at it: 401 rows tie at the top
+    q[3] = x[5]
+    q[6:9] = 0.1 * q[6:9] - e0  # aimed away from every row: the k-th best score is < 0
+    backend = build_backend("exact", x, threads=2, **BF16)
+    assert backend._cpu.method(12) == "bf16" and backend._cpu.bf16_team
+    backend._cpu.TEAM_SLAB_FROM = 1
+    redone = _heap_redos(backend, monkeypatch)
+    ex = _exclude(12, 3000)
+    ref = kernels.ip_topk(q, x, K, ex)
+    assert (ref[0][6:9, K - 1] < 0).all() and torch.equal(ref[1][3], torch.tensor([5, *range(1000, 1007)]))
+    got = backend.search(q, K, ex)
+    assert_same_topk(got, ref, q, x, exact_ids=False)
+    assert torch.equal(got[1][3], ref[1][3])  # equal scores: the lowest ids
+    assert redone == [4]  # queries 3 and 6-8, in one redo
 
 
 @pytest.mark.parametrize("d", [32, 128, 768])
@@ -194,6 +256,7 @@ def test_exact_bf16_filter_off_for_rows_or_queries_it_cannot_bound(monkeypatch):
         raise AssertionError("a query without a bound reached the bfloat16 filter")
 
     monkeypatch.setattr(on._cpu, "_shard_bf16", refuse)
+    monkeypatch.setattr(on._cpu, "_team_bf16", refuse)
     on.search(q, K)  # a NaN query: answered by a float32 path
     with pytest.raises(AssertionError, match="without a bound"):
         on.search(q.nan_to_num(), K)
@@ -215,7 +278,7 @@ def test_exact_leaves_caller_threads_alone():
     assert torch.get_num_threads() == before
     faiss = pytest.importorskip("faiss")
     omp = faiss.omp_get_max_threads()
-    backend.search(_data(3, 16, False), K)  # faiss path: the caller's thread runs one shard at one OpenMP thread
+    backend.search(_data(1, 16, False), K)  # faiss path: the caller's thread runs one shard at one OpenMP thread
     assert faiss.omp_get_max_threads() == omp
     faiss.omp_set_num_threads(1)
     try:  # one team search at the backend's two threads puts the caller's one back
