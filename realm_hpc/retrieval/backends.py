@@ -234,7 +234,7 @@ class CPUExactSearch:
       50k x 128 at B = 4-1024 1.1-5.7x and 1M at B = 4-1024 1.5-9.8x, where the float32 paths had given 0.6-2.6x
       and 0.6-3.8x. Within team_bytes (10k) the heap gained only at B = 128-512: at B = 1024 bfloat16 matmul +
       conversion + heap + re-rank lost to faiss's sgemm; the slab maxima took that cell from 0.92-0.98x to
-      1.3-1.6x (Zen 5), and B = 32-512 to 1.4-3x.
+      1.41-1.76x (three runs on a Zen 5 VM, README), and B = 64-256 to 1.5-3.4x.
 
     faiss is asked for k + 2 so that exclusion and a tie at the k-th place are visible; a row tied there is redone
     by ``_shard_topk``, whose packed-key selection breaks ties to the lower id like the reference (``_faiss_topk``).
@@ -414,7 +414,8 @@ class CPUExactSearch:
         bfloat16 >= 0 orders like its bits, so max and compare run as integer SIMD (a float conversion of the scores
         costs more than the matmul). Where L <= 0 (the bits of negative scores order backwards) or a query has more
         than TEAM_CAP + 4k candidates (many equal rows), the query is redone by ``_shard_bf16``'s heap. 10k x 128,
-        B = 1024 on the 2-core EPYC: 12-14 ms against faiss-flat's 16-18 ms, where the heap path took 23-30 ms.
+        B = 1024 on the 2-core EPYC: 9-16 ms against faiss-flat's 16-25 ms in the same runs, where the heap path
+        took 23-30 ms against 19-22 ms.
         """
         faiss, n, d, b = self._faiss, self.x.shape[0], q.shape[1], q.shape[0]
         m = self._xb.shape[0] // self.SLAB
