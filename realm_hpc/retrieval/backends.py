@@ -224,8 +224,9 @@ class CPUExactSearch:
       no copy of the index);
     - B < small_batch: ``faiss.knn`` too, i.e. its per-query loop: at B=1 it streams ~4x faster than MKL's gemv;
     - otherwise, and always without faiss: ``_shard_topk``, chunked matmul with a slab-max filter;
-    - except below the BLAS threshold for an index within ``team_bytes`` (a quarter of the LLC), or for a larger
-      one at 2 <= B < small_batch: one ``faiss.knn`` over every row with faiss's own OpenMP team (``_team_search``).
+    - except below the BLAS threshold at B >= 2 for an index within ``team_bytes`` (a quarter of the LLC), or for a
+      larger one at 2 <= B < small_batch: one ``faiss.knn`` over every row with faiss's own OpenMP team
+      (``_team_search``).
     - before all of these, B within ``bf16_batches`` where the CPU multiplies bfloat16 (``_shard_bf16``): a
       bfloat16 copy of the rows scores them all (half the bytes to read, twice the multiply rate), and the few rows
       its rounding bound cannot rule out are re-scored in float32, so the answer is still exact. One search with
@@ -346,10 +347,8 @@ class CPUExactSearch:
             method = self.method(b, bf16=False)
         if method == "faiss-team":
             return self._in_caller(self._faiss_topk, q, 0, n, k, exclude, omp_threads=self.threads)
-        if method == "bf16" and self.bf16_team:  # sorted best first
-            if b >= self.TEAM_SLAB_FROM:
-                return unpack_keys(self._team_bf16(q, k, exclude))
-            return unpack_keys(self._shard_bf16(q, 0, n, k, exclude))
+        if method == "bf16" and self.bf16_team:
+            return unpack_keys(self._team_bf16(q, k, exclude))  # sorted best first
         shards = [(0, n)] if b * n * self.x.shape[1] <= self.small_work else self.shards
         jobs = [(a, z, min(k, z - a)) for a, z in shards]
         if method == "faiss":
@@ -404,7 +403,7 @@ class CPUExactSearch:
 
     def _team_bf16(self, q, k, exclude):
         """Top-k packed keys of every row, sorted, for an index within the LLC: ``_shard_bf16``'s bound with a
-        selection that needs no heap.
+        selection that needs no heap, from TEAM_SLAB_FROM queries (fewer keep ``_shard_bf16``'s heap over all rows).
 
         Per chunk of queries (TEAM_CHUNK scores), one bfloat16 matmul scores every row; its columns are cut into
         SLAB strided slabs (rows j, j + M, j + 2M, ...), and the k-th best slab maximum is at most the k-th best
@@ -419,7 +418,7 @@ class CPUExactSearch:
         """
         faiss, n, d, b = self._faiss, self.x.shape[0], q.shape[1], q.shape[0]
         m = self._xb.shape[0] // self.SLAB
-        if m < k:  # fewer slabs than k: no k-th slab maximum
+        if b < self.TEAM_SLAB_FROM or m < k:  # few queries, or fewer slabs than k (no k-th slab maximum): the heap
             return self._shard_bf16(q, 0, n, k, exclude)
         neg = torch.tensor(float("-inf"), dtype=torch.bfloat16).view(torch.int16)
         slack = _bf16_slack(q.norm(dim=1).double(), self._norm_max[(0, n)], d)
